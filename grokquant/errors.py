@@ -1,0 +1,9 @@
+"""User-facing errors: the CLI prints them as one line and exits 2."""
+
+
+class GrokquantError(Exception):
+    """An error caused by the user's input, reported without a traceback."""
+
+
+class CheckpointError(GrokquantError):
+    """The checkpoint on disk is incomplete, damaged or inconsistent."""

@@ -1,0 +1,1 @@
+"""Quantized formats: GGML block types and llama.cpp's quant mixes."""

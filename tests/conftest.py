@@ -1,0 +1,29 @@
+import shutil
+from pathlib import Path
+
+import pytest
+
+from grokquant.synth import synth
+
+
+@pytest.fixture(scope="session")
+def tiny_tp8(tmp_path_factory) -> Path:
+    return synth(tmp_path_factory.mktemp("ckpt") / "tiny-tp8", "tiny", seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_merged(tmp_path_factory) -> Path:
+    return synth(tmp_path_factory.mktemp("ckpt") / "tiny-merged", "tiny", seed=1, layout="merged")
+
+
+@pytest.fixture(scope="session")
+def odd_tp8(tmp_path_factory) -> Path:
+    return synth(tmp_path_factory.mktemp("ckpt") / "odd-tp8", "odd", seed=2)
+
+
+@pytest.fixture
+def tiny_copy(tiny_tp8, tmp_path) -> Path:
+    """A private copy of the tiny checkpoint that a test may damage."""
+    dst = tmp_path / "copy"
+    shutil.copytree(tiny_tp8, dst)
+    return dst

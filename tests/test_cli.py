@@ -1,0 +1,62 @@
+import json
+import subprocess
+import sys
+
+from click.testing import CliRunner
+
+from grokquant.cli import main
+from grokquant.config import GrokConfig
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_inspect_reports_exact_counts(tiny_tp8):
+    res = invoke("inspect", tiny_tp8, "--json")
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.output)
+    cfg = GrokConfig.from_file(tiny_tp8 / "config.json")
+    H, V, L, E = cfg.hidden_size, cfg.vocab_size, cfg.num_hidden_layers, cfg.num_local_experts
+    attn = 2 * H * cfg.q_dim + 2 * H * cfg.kv_dim
+    dense = 3 * H * cfg.intermediate_size
+    expert = 3 * H * cfg.moe_intermediate_size
+    total = 2 * V * H + H + L * (attn + dense + E * expert + E * H + 4 * H)
+    p = report["parameters"]
+    assert p["total"] == total == report["parameters_expected"]
+    assert p["experts"] == L * E * expert
+    assert p["active_per_token"] == L * (attn + dense + 2 * expert + E * H + 4 * H) + V * H + H
+    assert report["problems"] == [] and report["layout"] == "tp8"
+    assert report["bytes_by_format"]["bf16"] == 2 * total
+    text = invoke("inspect", tiny_tp8)
+    assert f"{total:,}" in text.output and "q4_k_m" in text.output and "problems    none" in text.output
+
+
+def test_inspect_damaged_exits_2_with_one_line(tiny_copy):
+    (tiny_copy / "pytorch_model-00008-TP-007.safetensors").unlink()
+    proc = subprocess.run([sys.executable, "-m", "grokquant", "inspect", str(tiny_copy)], capture_output=True,
+                          text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert "missing rank file pytorch_model-00008-TP-007.safetensors" in proc.stderr
+    assert "missing rank file" in proc.stdout  # the report lists every problem
+
+
+def test_bad_paths_exit_2(tmp_path):
+    res = invoke("inspect", tmp_path / "nope")
+    assert res.exit_code == 2
+    (tmp_path / "empty").mkdir()
+    res = invoke("run", tmp_path / "empty", "--prompt", "x")
+    assert res.exit_code == 2 and "error:" in res.output
+
+
+def test_synth_and_run(tmp_path):
+    out = tmp_path / "ck"
+    res = invoke("synth", out, "--preset", "tiny", "--layers", "1")
+    assert res.exit_code == 0, res.output
+    assert invoke("synth", out).exit_code == 2  # refuses to overwrite
+    res = invoke("run", out, "--prompt", "The quick brown fox", "--max-new-tokens", "5")
+    assert res.exit_code == 0, res.output
+    assert res.output.startswith("The quick brown fox") and len(res.output) > len("The quick brown fox")
+    res = invoke("run", out, "--prompt", "Hello", "--chat", "--max-new-tokens", "3", "--semantics", "llama.cpp")
+    assert res.exit_code == 0 and res.output.startswith("Human: Hello<|separator|>\n\nAssistant:")

@@ -1,0 +1,56 @@
+"""Peak RSS of `inspect` and of a full layer-by-layer pass must not grow with the number of layers."""
+
+import sys
+
+import pytest
+
+from grokquant.profiling import python_measured, run_measured
+from grokquant.synth import synth
+
+# Wide experts so that one layer (~27M parameters, ~110 MB in float32) dominates everything else.
+DIMS = dict(hidden_size=256, moe_intermediate_size=4096, intermediate_size=2048, vocab_size=512)
+LAYER_F32_BYTES = 4 * (8 * 3 * 256 * 4096 + 3 * 256 * 2048 + 4 * 256 * 256)
+
+# interpreter, torch, and torch's meta-device machinery (a fixed cost, loaded on first use)
+BASELINE = """
+from grokquant.model import Grok2ForCausalLM
+from grokquant.synth import synth_config
+Grok2ForCausalLM.empty(synth_config("tiny"))
+"""
+
+STREAM = """
+import sys, torch
+from grokquant.checkpoint import Checkpoint
+from grokquant.model import streamed_logits
+ckpt = Checkpoint.open(sys.argv[1])
+logits = streamed_logits(ckpt, torch.arange(64).view(2, 32))
+assert torch.isfinite(logits).all()
+"""
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mem")
+    return {n: synth(root / f"l{n}", "tiny", num_hidden_layers=n, **DIMS) for n in (2, 8)}
+
+
+def test_layer_pass_memory_is_bounded(checkpoints):
+    base = python_measured(BASELINE).peak_rss
+    peaks = {}
+    for n, path in checkpoints.items():
+        m = python_measured(STREAM, str(path))
+        assert m.returncode == 0, m.stderr
+        peaks[n] = m.peak_rss
+    # 6 more layers would add ~650 MB if anything were kept
+    assert peaks[8] - peaks[2] < 0.3 * LAYER_F32_BYTES, peaks
+    # about one layer: the float32 copy plus the bf16 tensors it came from
+    assert peaks[8] - base < 2.0 * LAYER_F32_BYTES, (base, peaks)
+
+
+def test_inspect_memory_is_bounded(checkpoints):
+    peaks = {}
+    for n, path in checkpoints.items():
+        m = run_measured([sys.executable, "-m", "grokquant", "inspect", str(path)])
+        assert m.returncode == 0, m.stderr
+        peaks[n] = m.peak_rss
+    assert abs(peaks[8] - peaks[2]) < 20e6, peaks

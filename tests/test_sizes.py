@@ -1,0 +1,37 @@
+from grokquant.config import GrokConfig
+from grokquant.gguf_names import gguf_tensors
+from grokquant.sizes import format_bytes, param_counts
+from grokquant.quant.mixes import tensor_type
+
+
+def test_real_grok2_sizes_match_spec():
+    cfg = GrokConfig()
+    p = param_counts(cfg.all_shapes(), cfg)
+    assert p["total"] == 269_515_497_472
+    assert p["active_per_token"] == 113_822_932_992
+    b = format_bytes(cfg)
+    assert round(b["bf16"] / 1e9, 1) == 539.0
+    assert round(b["q8_0"] / 1e9, 1) == 286.4
+    assert round(b["q4_k_m"] / 1e9, 1) == 164.0
+    assert round(b["q6_k"] / 1e9, 1) == 221.4
+
+
+
+def test_real_grok2_gguf_tensor_list():
+    cfg = GrokConfig()
+    tensors = dict(gguf_tensors(cfg))
+    assert len(tensors) == 963  # spec grok2.md §7.2
+    assert tensors["blk.0.ffn_down_exps.weight"] == (8, 8192, 16384)
+    assert tensors["blk.63.ffn_gate_inp.weight"] == (8, 8192)
+
+
+def test_q4_k_m_choices_for_eight_experts():
+    pick = lambda name, shape: tensor_type("q4_k_m", name, shape, 64, 8).name
+    assert pick("blk.5.attn_k.weight", (1024, 8192)) == "Q8_0"
+    assert pick("blk.5.attn_v.weight", (1024, 8192)) == "Q8_0"
+    assert pick("blk.5.attn_output.weight", (8192, 8192)) == "Q5_K"
+    assert pick("output.weight", (131072, 8192)) == "Q6_K"
+    assert pick("blk.0.ffn_norm.weight", (8192,)) == "F32"
+    assert pick("blk.0.ffn_gate_inp.weight", (8, 8192)) == "F32"
+    assert pick("blk.9.ffn_gate_exps.weight", (8, 16384, 8192)) == "Q4_K"
+    assert pick("blk.9.ffn_down.weight", (8192, 100)) == "F16"  # no block divides 100
