@@ -15,7 +15,7 @@ $(PY):
 
 $(VENV)/.installed: $(PY) pyproject.toml
 	$(PIP) install -q $(TORCH)
-	$(PIP) install -q -e .
+	$(PIP) install -q -e '.[llama]'
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed pyproject.toml
@@ -30,6 +30,8 @@ demo: install
 	$(VENV)/bin/grokquant synth $(DEMO)/grok2-tiny --preset tiny
 	$(VENV)/bin/grokquant inspect $(DEMO)/grok2-tiny
 	$(VENV)/bin/grokquant run $(DEMO)/grok2-tiny --prompt "The quick brown fox" --max-new-tokens 16
+	$(VENV)/bin/grokquant convert $(DEMO)/grok2-tiny -o $(DEMO)/grok2-tiny-q4_k_m.gguf --recipe q4_k_m
+	$(VENV)/bin/grokquant run $(DEMO)/grok2-tiny-q4_k_m.gguf --engine llama.cpp --prompt "The quick brown fox" --max-new-tokens 16
 
 test: install-dev
 	$(PY) -m pytest -q
@@ -39,6 +41,7 @@ test-slow: install-dev
 
 bench: install-dev
 	$(PY) benchmarks/memory.py
+	$(PY) benchmarks/gguf_convert.py
 
 clean:
 	rm -rf $(VENV) $(DEMO) .pytest_cache

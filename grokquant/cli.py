@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
+import signal
 import sys
+import time
 
 import click
 
@@ -14,6 +17,8 @@ class Group(click.Group):
     """Turns user-input errors into one line on stderr and exit code 2."""
 
     def invoke(self, ctx):
+        # SIGTERM unwinds like Ctrl-C, so temporary outputs are removed on the way out
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
         try:
             return super().invoke(ctx)
         except GrokquantError as exc:
@@ -69,47 +74,84 @@ def synth(out, preset, layout, seed, force, **overrides):
     click.echo(f"wrote {path} ({layout}, preset {preset})")
 
 
+def parse_size(text: str | None) -> int | None:
+    """'2G', '500M', '64K' or a byte count -> bytes (powers of 1000, as llama-gguf-split)."""
+    if text is None:
+        return None
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMGT]?)B?", text.strip().upper())
+    if not m:
+        raise GrokquantError(f"cannot parse size {text!r} (e.g. 500M, 2G)")
+    return int(float(m[1]) * 1000 ** " KMGT".index(m[2] or " "))
+
+
 @main.command()
 @click.argument("checkpoint", type=click.Path(file_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output .gguf path.")
+@click.option("--type", "ftype", help="llama.cpp file type: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, "
+              "q4_k_s, q4_k_m, q5_k_s, q5_k_m, q6_k, iq4_xs, iq4_nl.")
+@click.option("--recipe", help="Recipe name under recipes/ or a YAML path (instead of --type).")
+@click.option("--rope", default="plain", show_default=True, type=click.Choice(["plain", "yarn"]),
+              help="plain: RoPE as the reference runtime computes it; yarn: what llama.cpp's own converter writes.")
+@click.option("--imatrix", type=click.Path(dir_okay=False, exists=True), help="llama.cpp GGUF imatrix file.")
+@click.option("--split-max-size", help="Write shards of at most this size (e.g. 50G).")
+@click.option("--name", help="general.name (default: the checkpoint folder name).")
+@click.option("--force", is_flag=True, help="Overwrite existing output.")
+def convert(checkpoint, output, ftype, recipe, rope, imatrix, split_max_size, name, force):
+    """Convert the original checkpoint to GGUF, streaming one tensor at a time."""
+    from tqdm import tqdm
+
+    from .export.gguf import convert as run_convert, plan, planned_summary
+    from .imatrix import load_imatrix
+    from .recipe import GGUFRecipe, load_recipe
+
+    if bool(ftype) == bool(recipe):
+        raise GrokquantError("give exactly one of --type and --recipe")
+    rec = load_recipe(recipe) if recipe else GGUFRecipe(name=ftype.lower(), ftype=ftype.lower())
+    imat = load_imatrix(imatrix) if imatrix else None
+    from .checkpoint import Checkpoint
+
+    with Checkpoint.open(checkpoint) as ckpt:
+        tensors = plan(ckpt.config, rec, has_imatrix=imat is not None)
+        n_params = sum(p for p in (_numel(t.shape) for t in tensors))
+    total = sum(t.nbytes for t in tensors)
+    start = time.perf_counter()
+    with tqdm(total=total, unit="B", unit_scale=True, desc=f"convert {rec.name}", file=sys.stderr) as bar:
+        def progress(t, nbytes):
+            bar.set_postfix_str(f"{t.name} {t.type.name}", refresh=False)
+            bar.update(nbytes)
+
+        paths = run_convert(checkpoint, output, rec, rope=rope, split_max_bytes=parse_size(split_max_size),
+                            imatrix=imat, force=force, name=name, progress=progress)
+    seconds = time.perf_counter() - start
+    click.echo(f"wrote {', '.join(str(p) for p in paths)}: {len(tensors)} tensors, {total / 1e9:.3f} GB, "
+               f"{8 * total / n_params:.3f} bits/weight, {seconds:.1f} s")
+    for type_name, nbytes in sorted(planned_summary(tensors).items(), key=lambda kv: -kv[1]):
+        click.echo(f"  {type_name:<8}{nbytes / 1e9:12.3f} GB")
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(exists=True))
 @click.option("--prompt", required=True)
 @click.option("--max-new-tokens", default=32, show_default=True)
 @click.option("--chat", is_flag=True, help="Wrap the prompt in Grok 2's chat format.")
-@click.option("--semantics", default="sglang", show_default=True,
-              type=click.Choice(["sglang", "llama.cpp", "llama.cpp-yarn"]))
-def run(checkpoint, prompt, max_new_tokens, chat, semantics):
-    """Generate text (greedy) from an original checkpoint, on CPU."""
-    from .checkpoint import Checkpoint
-    from .model import Grok2ForCausalLM
-    from .tokenizer import format_chat, load_tokenizer
+@click.option("--engine", default="torch", show_default=True, type=click.Choice(["torch", "llama.cpp"]),
+              help="llama.cpp runs GGUF files through llama-cpp-python.")
+@click.option("--semantics", type=click.Choice(["sglang", "llama.cpp", "llama.cpp-yarn"]),
+              help="Forward-pass semantics of the torch engine (default: sglang for checkpoints, "
+                   "the file's own for GGUF).")
+def run(artifact, prompt, max_new_tokens, chat, engine, semantics):
+    """Generate text (greedy) from a checkpoint or a GGUF file, on CPU."""
+    from .generate import generate
+    from .tokenizer import format_chat
 
-    ckpt = Checkpoint.open(checkpoint)
-    tok = load_tokenizer(ckpt.tokenizer_path)
-    text = format_chat([{"role": "user", "content": prompt}]) if chat else prompt
-    model = Grok2ForCausalLM.from_checkpoint(ckpt, semantics)
-    ids = tok.encode(text)
-    stops = tuple(i for i in (tok.eos_id, tok.separator_id) if i is not None)
-    printer = _StreamPrinter(tok)
-    click.echo(text, nl=False)
-    model.generate(ids, max_new_tokens, stops, on_token=printer)
-    printer.flush()
+    click.echo(format_chat([{"role": "user", "content": prompt}]) if chat else prompt, nl=False)
+    for piece in generate(artifact, prompt, max_new_tokens, chat, engine, semantics):
+        click.echo(piece, nl=False)
     click.echo()
-
-
-class _StreamPrinter:
-    """Prints tokens as they come, holding back bytes that do not yet form whole characters."""
-
-    def __init__(self, tok):
-        self.tok, self.pending = tok, b""
-
-    def __call__(self, token: int) -> None:
-        self.pending += self.tok.decode_bytes([token])
-        try:
-            text = self.pending.decode("utf-8")
-        except UnicodeDecodeError:
-            return
-        click.echo(text, nl=False)
-        self.pending = b""
-
-    def flush(self) -> None:
-        if self.pending:
-            click.echo(self.pending.decode("utf-8", errors="replace"), nl=False)

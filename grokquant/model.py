@@ -392,6 +392,7 @@ def streamed_logits(ckpt, tokens: torch.Tensor, sem: Semantics | str = "sglang",
             model.recycle_layer(layer - 1, layer)
         model.load_layer(layer, ckpt.tensor, dtype)
         h = model.run_layer(layer, h, positions, None, rope)
+        release_freed_memory()  # the layer's temporaries, before the next layer's reads
         if on_layer:
             on_layer(layer)
     model.unload_layer(ckpt.config.num_hidden_layers - 1)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 from .config import GrokConfig, parse_expert_name
-from .gguf_names import gguf_tensors
-from .quant.mixes import tensor_type
 
 GPTQ_GROUP = 128
 
@@ -77,8 +75,7 @@ def format_bytes(cfg: GrokConfig) -> dict[str, int]:
 
 
 def gguf_bytes(cfg: GrokConfig, ftype: str, has_imatrix: bool = False) -> int:
-    total = 0
-    for gname, shape in gguf_tensors(cfg):
-        t = tensor_type(ftype, gname, shape, cfg.num_hidden_layers, cfg.num_local_experts, has_imatrix)
-        total += t.nbytes(shape)
-    return total
+    from .export.gguf import plan
+    from .recipe import GGUFRecipe
+
+    return sum(t.nbytes for t in plan(cfg, GGUFRecipe(ftype, ftype), has_imatrix))

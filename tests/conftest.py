@@ -21,6 +21,15 @@ def odd_tp8(tmp_path_factory) -> Path:
     return synth(tmp_path_factory.mktemp("ckpt") / "odd-tp8", "odd", seed=2)
 
 
+# Wide experts: one layer (~27M parameters) dominates everything else; slow enough to interrupt.
+WIDE = dict(hidden_size=256, moe_intermediate_size=4096, intermediate_size=2048, vocab_size=512)
+
+
+@pytest.fixture(scope="session")
+def wide_tp8(tmp_path_factory) -> Path:
+    return synth(tmp_path_factory.mktemp("ckpt") / "wide-tp8", "tiny", seed=3, num_hidden_layers=2, **WIDE)
+
+
 @pytest.fixture
 def tiny_copy(tiny_tp8, tmp_path) -> Path:
     """A private copy of the tiny checkpoint that a test may damage."""

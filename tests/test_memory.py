@@ -7,8 +7,8 @@ import pytest
 from grokquant.profiling import python_measured, run_measured
 from grokquant.synth import synth
 
-# Wide experts so that one layer (~27M parameters, ~110 MB in float32) dominates everything else.
-DIMS = dict(hidden_size=256, moe_intermediate_size=4096, intermediate_size=2048, vocab_size=512)
+from conftest import WIDE
+
 LAYER_F32_BYTES = 4 * (8 * 3 * 256 * 4096 + 3 * 256 * 2048 + 4 * 256 * 256)
 
 # interpreter, torch, and torch's meta-device machinery (a fixed cost, loaded on first use)
@@ -29,9 +29,8 @@ assert torch.isfinite(logits).all()
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mem")
-    return {n: synth(root / f"l{n}", "tiny", num_hidden_layers=n, **DIMS) for n in (2, 8)}
+def checkpoints(tmp_path_factory, wide_tp8):
+    return {2: wide_tp8, 8: synth(tmp_path_factory.mktemp("mem") / "l8", "tiny", num_hidden_layers=8, **WIDE)}
 
 
 def test_layer_pass_memory_is_bounded(checkpoints):
@@ -41,8 +40,8 @@ def test_layer_pass_memory_is_bounded(checkpoints):
         m = python_measured(STREAM, str(path))
         assert m.returncode == 0, m.stderr
         peaks[n] = m.peak_rss
-    # 6 more layers would add ~650 MB if anything were kept
-    assert peaks[8] - peaks[2] < 0.3 * LAYER_F32_BYTES, peaks
+    # keeping anything per layer would add 6 x that; allocator noise is a fraction of one layer
+    assert peaks[8] - peaks[2] < 0.75 * LAYER_F32_BYTES, peaks
     # about one layer: the float32 copy plus the bf16 tensors it came from
     assert peaks[8] - base < 2.0 * LAYER_F32_BYTES, (base, peaks)
 

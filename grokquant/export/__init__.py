@@ -1,0 +1,1 @@
+"""Writers of artifacts: GGUF for llama.cpp."""

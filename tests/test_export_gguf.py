@@ -1,0 +1,159 @@
+"""GGUF export, checked against llama.cpp itself (llama-cpp-python, run in child processes)."""
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from grokquant.errors import GrokquantError
+from grokquant.export.gguf import convert, plan, validate
+from grokquant.gguf_file import read_gguf
+from grokquant.gguf_weights import GGUFWeights
+from grokquant.model import Grok2ForCausalLM
+from grokquant.recipe import GGUFRecipe, load_recipe
+from grokquant.tokenizer import format_chat, load_tokenizer
+
+RUNNER = str(Path(__file__).with_name("llama_runner.py"))
+TOKENS = [5, 77, 300, 12, 9, 401, 2, 33, 150, 151, 260, 7]
+
+
+def llama(cmd, *args):
+    proc = subprocess.run([sys.executable, RUNNER, cmd, *map(str, args)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def llama_logits(path, tokens, tmp_path):
+    tj, out = tmp_path / "tokens.json", tmp_path / "logits.npy"
+    tj.write_text(json.dumps(tokens))
+    llama("logits", path, tj, out)
+    return np.load(out)
+
+
+def our_logits(source, semantics, tokens):
+    return Grok2ForCausalLM.from_checkpoint(source, semantics)(torch.tensor(tokens))[0].numpy()
+
+
+@pytest.fixture(scope="module")
+def f32_gguf(tiny_tp8, tmp_path_factory):
+    return convert(tiny_tp8, tmp_path_factory.mktemp("gguf") / "tiny-f32.gguf", GGUFRecipe("f32", "f32"))[0]
+
+
+def test_f32_logits_match_llamacpp(tiny_tp8, f32_gguf, tmp_path):
+    from grokquant.checkpoint import Checkpoint
+
+    ref = llama_logits(f32_gguf, TOKENS, tmp_path)
+    ckpt = Checkpoint.open(tiny_tp8)
+    ours = our_logits(ckpt, "llama.cpp", TOKENS)
+    assert np.abs(ours - ref).max() < 1e-3
+    # the reference runtime's semantics differ measurably, and plain RoPE is the closer choice
+    sglang = our_logits(ckpt, "sglang", TOKENS)
+    yarn_path = convert(tiny_tp8, tmp_path / "yarn.gguf", GGUFRecipe("f32", "f32"), rope="yarn")[0]
+    yarn_ref = llama_logits(yarn_path, TOKENS, tmp_path)
+    assert np.abs(our_logits(ckpt, "llama.cpp-yarn", TOKENS) - yarn_ref).max() < 1e-3
+    assert np.abs(sglang - ref).mean() < np.abs(sglang - yarn_ref).mean()
+
+
+def test_f16_logits(tiny_tp8, tmp_path):
+    path = convert(tiny_tp8, tmp_path / "t-f16.gguf", GGUFRecipe("f16", "f16"))[0]
+    ours = GGUFWeights(path).model()(torch.tensor(TOKENS))[0].numpy()
+    assert np.abs(ours - llama_logits(path, TOKENS, tmp_path)).max() < 1e-3
+
+
+def test_metadata_and_tensor_list(f32_gguf, tiny_tp8):
+    f = read_gguf(f32_gguf)
+    meta = f.metadata
+    assert meta["general.architecture"] == "grok"
+    assert meta["grok.expert_count"] == 8 and meta["grok.expert_used_count"] == 2
+    assert meta["grok.final_logit_softcapping"] == 50.0
+    cfg = GGUFWeights(f32_gguf).config
+    assert abs(meta["grok.embedding_scale"] - json.loads((tiny_tp8 / "config.json").read_text())[
+        "embedding_multiplier_scale"]) < 1e-5
+    assert "grok.rope.scaling.type" not in meta
+    assert meta["tokenizer.ggml.pre"] == "grok-2" and meta["tokenizer.ggml.eos_token_id"] == 2
+    assert len(meta["tokenizer.ggml.tokens"]) == 512
+    assert len(f.tensors) == 3 + 15 * cfg.num_hidden_layers
+    assert f.tensors["blk.1.ffn_down_exps.weight"].shape == (8, 256, 512)
+    assert f.tensors["blk.0.ffn_gate_inp.weight"].type.name == "F32"
+
+
+SAMPLES = ["Hello, world! The quick brown fox.", "Digits 3.14159 and 2026-11-28", "  spaces\n\n\ttabs\r\n",
+           "Ünïcödé naïve café 日本語 русский 🚀", "I'm sure they'll say it's fine; WE'VE DONE IT.",
+           "def f(x):\n    return {'a': [1, 2]}\n", "Human: hi<|separator|>\n\nAssistant:"]
+
+
+def test_tokenization_matches_llamacpp(f32_gguf, tiny_tp8, tmp_path):
+    tok = load_tokenizer(tiny_tp8 / "tokenizer.tok.json")
+    texts = tmp_path / "texts.json"
+    texts.write_text(json.dumps(SAMPLES))
+    out = tmp_path / "ids.json"
+    llama("tokenize", f32_gguf, texts, out)
+    assert json.loads(out.read_text()) == [tok.encode(t) for t in SAMPLES]
+
+
+def test_chat_template_recognised_by_llamacpp(f32_gguf, tmp_path):
+    msgs = [{"role": "system", "content": " Be brief. "}, {"role": "user", "content": "Hi there?"},
+            {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "More"}]
+    (tmp_path / "m.json").write_text(json.dumps(msgs))
+    llama("chat", f32_gguf, tmp_path / "m.json", tmp_path / "out.json")
+    assert json.loads((tmp_path / "out.json").read_text())["text"] == format_chat(msgs)
+
+
+def test_split_files_load_in_llamacpp(tiny_tp8, f32_gguf, tmp_path):
+    paths = convert(tiny_tp8, tmp_path / "split.gguf", GGUFRecipe("f32", "f32"), split_max_bytes=4_000_000)
+    assert len(paths) > 2 and paths[0].name == f"split-00001-of-{len(paths):05d}.gguf"
+    assert np.array_equal(llama_logits(paths[0], TOKENS, tmp_path), llama_logits(f32_gguf, TOKENS, tmp_path))
+
+
+def test_refuses_overwrite_and_cleans_up_on_interrupt(tiny_tp8, tmp_path):
+    out = tmp_path / "x.gguf"
+    convert(tiny_tp8, out, GGUFRecipe("f16", "f16"))
+    with pytest.raises(GrokquantError, match="exists"):
+        convert(tiny_tp8, out, GGUFRecipe("f16", "f16"))
+    out2 = tmp_path / "y.gguf"
+
+    def interrupt(t, n):
+        if t.name == "blk.0.ffn_up_exps.weight":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        convert(tiny_tp8, out2, GGUFRecipe("f16", "f16"), progress=interrupt)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.gguf"]
+
+
+def test_killed_process_leaves_no_output(wide_tp8, tmp_path):
+    out = tmp_path / "k.gguf"
+    proc = subprocess.Popen([sys.executable, "-m", "grokquant", "convert", str(wide_tp8), "-o", str(out),
+                             "--type", "f16"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while not list(tmp_path.glob(".k.gguf.tmp-*")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    proc.terminate()  # mid-write: the temporary file exists, the output does not yet
+    assert proc.wait() == 143
+    assert not out.exists() and not list(tmp_path.glob(".k.gguf.tmp-*"))
+
+
+def test_validate_rejects_non_finite_scales(tiny_tp8, f32_gguf, tmp_path):
+    bad = tmp_path / "bad.gguf"
+    data = bytearray(f32_gguf.read_bytes())
+    f = read_gguf(f32_gguf)
+    info = f.tensors["blk.0.attn_q.weight"]
+    data[f.data_start + info.offset: f.data_start + info.offset + 4] = np.float32(np.nan).tobytes()
+    bad.write_bytes(bytes(data))
+    from grokquant.checkpoint import Checkpoint
+    with pytest.raises(GrokquantError, match="non-finite"):
+        validate(bad, plan(Checkpoint.open(tiny_tp8).config, GGUFRecipe("f32", "f32")))
+
+
+def test_recipes_load_and_override():
+    rec = load_recipe("q4_k_m-attn-q8")
+    assert rec.ftype == "q4_k_m" and rec.override_for("blk.3.attn_q.weight") == "Q8_0"
+    assert rec.override_for("blk.3.ffn_up_exps.weight") is None
+    for name in ("q8_0", "q6_k", "q5_k_m", "q4_k_m", "iq4_xs"):
+        assert load_recipe(name).ftype == name
+    with pytest.raises(GrokquantError, match="unknown tensor class"):
+        GGUFRecipe("x", "q4_k_m", {"routers": "Q8_0"})

@@ -1,0 +1,207 @@
+"""IQ4_NL, IQ4_XS, Q2_K, Q3_K against ggml itself (ggml_quantize_chunk via ctypes) and gguf-py's dequantizers."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from grokquant.quant.ggml_c import ggml_quantize, ggml_validate
+from grokquant.quant import ggml_iquants as iq
+from grokquant.quant.ggml import QUANTIZERS, dequantize, quantize
+
+TYPES = ["IQ4_NL", "IQ4_XS", "Q2_K", "Q3_K"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The searches issue many small ops; on a busy 2-core box OpenMP barriers make 2 threads ~10x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+KV = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.float32)
+
+
+def edge_matrix(rows: int, n: int, seed: int) -> np.ndarray:
+    """Gaussian rows plus the awkward cases, each spread over whole 256-blocks and over 16/32-element pieces."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((rows, n)).astype(np.float32)
+    k = rows // 10 or 1
+    x[k:2 * k] *= rng.standard_t(2, size=(k, n)).astype(np.float32) ** 2  # heavy tails
+    x[2 * k:3 * k, rng.integers(0, n, 8)] = 1e4 * rng.standard_normal(8).astype(np.float32)  # outliers
+    x[3 * k:4 * k] *= np.float32(10.0) ** rng.integers(-30, -12, size=(k, 1)).astype(np.float32)  # tiny
+    x[4 * k:5 * k] = -np.abs(x[4 * k:5 * k])  # negative only
+    x[5 * k:6 * k] = np.abs(x[5 * k:6 * k])  # positive only
+    pieces = rng.choice(np.float32([0.5, -2.0, 0.0, 3e-16, 7.0]), size=(k, n // 16))
+    x[6 * k:7 * k] = np.repeat(pieces, 16, axis=1)  # constant 16-pieces
+    z = rng.random((rows, n // 16)) < 0.08  # zero 16-element pieces everywhere
+    x.reshape(rows, -1, 16)[z] = 0
+    x[7 * k, : min(n, 256)] = 0  # an all-zero block
+    x[7 * k + 1:8 * k, : min(n, 256)] *= 1e-16  # blocks below / around GROUP_MAX_EPS
+    return x
+
+
+def imatrix(n: int, seed: int) -> np.ndarray:
+    """Column weights spanning 12 orders of magnitude, with zero columns and one zero 32-piece."""
+    rng = np.random.default_rng(seed)
+    w = (10.0 ** rng.uniform(-6, 6, n)).astype(np.float32)
+    w[rng.random(n) < 0.05] = 0
+    w[32:64] = 0
+    return w
+
+
+def compare(name: str, x: np.ndarray, imat: np.ndarray | None) -> float:
+    """Identical-block fraction of ours vs ggml; differing blocks must be no worse in weighted squared error."""
+    q = QUANTIZERS[name]
+    ref = ggml_quantize(name, x, imat)
+    ours = q.quantize(torch.from_numpy(x), None if imat is None else torch.from_numpy(imat)).numpy()
+    assert ours.shape == ref.shape and ours.dtype == np.uint8
+    assert ggml_validate(name, ours)
+    bb = q.type.block_bytes
+    same = (ours.reshape(-1, bb) == ref.reshape(-1, bb)).all(1)
+    frac = float(same.mean())
+    print(f"{name} n={x.shape[1]} {'imatrix' if imat is not None else 'reference'}: "
+          f"{same.sum()}/{same.size} blocks identical ({frac:.6f})")
+    if not same.all():
+        w = np.ones(x.shape[1], np.float32) if imat is None else imat
+        w = np.broadcast_to(w, x.shape).reshape(same.size, -1)
+        xb = x.reshape(same.size, -1)
+
+        def err(data):
+            y = q.dequantize(torch.from_numpy(data), x.shape[1]).numpy().reshape(same.size, -1)
+            return (w * (xb - y) ** 2).astype(np.float64).sum(1)
+
+        e_ours, e_ref = err(ours), err(ref)
+        assert np.all(e_ours[~same] <= e_ref[~same] * (1 + 1e-6)), "a differing block is worse than ggml's"
+    assert frac >= 0.999
+    return frac
+
+
+SHAPES = [(256, 256), (128, 2048), (64, 4096)]
+
+
+@pytest.mark.parametrize("name", TYPES)
+@pytest.mark.parametrize("rows,n", SHAPES)
+def test_reference_path_matches_ggml(name, rows, n):
+    assert compare(name, edge_matrix(rows, n, seed=n + 1), None) == 1.0
+
+
+@pytest.mark.parametrize("name", TYPES)
+@pytest.mark.parametrize("rows,n", SHAPES)
+def test_imatrix_path_matches_ggml(name, rows, n):
+    assert compare(name, edge_matrix(rows, n, seed=n + 2), imatrix(n, seed=n)) == 1.0
+
+
+@pytest.mark.parametrize("imat", [False, True])
+def test_iq4_nl_short_rows(imat):
+    x = edge_matrix(30, 96, seed=5)
+    assert compare("IQ4_NL", x, imatrix(96, seed=6) if imat else None) == 1.0
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_constant_and_zero_rows(name):
+    x = np.zeros((9, 512), np.float32)
+    x[1], x[2], x[3] = 1.0, -3.5, 1e-30
+    x[4, ::2] = -1.0
+    x[5, 7] = 2.0
+    x[6] = np.tile([1.0, -1.0], 256)  # |x| ties of opposite sign: the first one sets the sign
+    v = np.random.default_rng(4).standard_normal(32).astype(np.float32)
+    x[7] = np.tile(np.r_[v[:16], -v[:16]], 16)  # sub-scales tied in magnitude, opposite in sign
+    x[8] = np.tile(np.r_[v, -v], 8)
+    for imat in [None, np.ones(512, np.float32), np.zeros(512, np.float32)]:
+        assert compare(name, x, imat) == 1.0
+
+
+def test_q2k_imatrix_negative_sub_scale():
+    """make_qkx3_quants can return a negative sub-scale; make_qp_quants then sums the negative int code but
+    stores it as uint8 (found by the 4096 x 4096 sweep). These rows contain such blocks."""
+    x = -np.abs(np.random.default_rng(52).standard_normal((64, 256)).astype(np.float32))
+    im = imatrix(256, seed=52)
+    X, Q = torch.from_numpy(x), torch.from_numpy(np.tile(im, (64, 1)))
+    w = iq._imatrix_weights(X, Q, 16, iq._sumsq(X) / 256)
+    _, scales, _ = iq.make_qkx_quants(iq._elements(X, 16), w, 3, -0.9, 0.05, 36, False, True)
+    scales = scales.view(64, 16)
+    assert bool((scales < -scales.max(1).values[:, None] / 30).any())  # some code below zero
+    assert compare("Q2_K", x, im) == 1.0
+
+
+FP16_FIELDS = {"IQ4_NL": [0], "IQ4_XS": [0], "Q2_K": [80, 82], "Q3_K": [108]}  # byte offsets in a block
+
+
+def random_blocks(name: str, rows: int, n: int, seed: int) -> np.ndarray:
+    """Arbitrary bytes with finite fp16 scales (NaN payloads need not survive both computations alike)."""
+    rng = np.random.default_rng(seed)
+    t = QUANTIZERS[name].type
+    data = rng.integers(0, 256, (rows * n // t.block, t.block_bytes), dtype=np.uint8)
+    for off in FP16_FIELDS[name]:
+        data[:, off:off + 2] = rng.uniform(-2, 2, (len(data), 1)).astype(np.float16).view(np.uint8)
+    return data.reshape(rows, -1)
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_dequantize_matches_gguf(name):
+    for data in [ggml_quantize(name, edge_matrix(20, 2048, seed=9)), random_blocks(name, 20, 2048, seed=3)]:
+        ours = QUANTIZERS[name].dequantize(torch.from_numpy(data), 2048).numpy()
+        ref = gguf.quants.dequantize(data, getattr(gguf.GGMLQuantizationType, name)).reshape(ours.shape)
+        np.testing.assert_array_equal(ours.view(np.uint32), ref.astype(np.float32).view(np.uint32))
+
+
+def test_module_entry_points_take_stacked_tensors():
+    """ggml.quantize flattens leading dims into rows (e.g. [n_expert, out, in])."""
+    x = edge_matrix(12, 512, seed=7)
+    im = imatrix(512, seed=7)
+    data = quantize(torch.from_numpy(x).view(3, 4, 512), "IQ4_XS", torch.from_numpy(im))
+    np.testing.assert_array_equal(data.numpy(), ggml_quantize("IQ4_XS", x, im))
+    y = dequantize(data, "IQ4_XS", (3, 4, 512))
+    assert y.shape == (3, 4, 512)
+
+
+def c_best_index(x: np.ndarray) -> np.ndarray:
+    """best_index_int8 as written in C, in float32."""
+    mu = np.clip(np.searchsorted(KV, x, side="right"), 1, 15)
+    lo, hi = KV[mu - 1], KV[mu]
+    idx = np.where((x - lo) < (hi - x), mu - 1, mu)
+    return np.where(x <= KV[0], 0, np.where(x >= KV[15], 15, idx))
+
+
+def test_iq4_lookup_matches_c_formula():
+    rng = np.random.default_rng(0)
+    mids = (KV[:-1] + KV[1:]) / 2
+    near = np.concatenate([mids, KV, -mids, np.float32(0.0)[None]])
+    x = np.concatenate([
+        near, np.nextafter(near, np.float32(np.inf)), np.nextafter(near, np.float32(-np.inf)),
+        rng.uniform(-140, 140, 100_000).astype(np.float32),
+        (rng.standard_normal(10_000) * 1e-30).astype(np.float32), np.array([-1e30, 1e30], np.float32),
+    ]).astype(np.float32)
+    ours = iq.iq4_index(torch.from_numpy(x)).numpy()
+    np.testing.assert_array_equal(ours, c_best_index(x))
+
+
+def test_nearest_int_is_ggml_trick():
+    x = np.array([0.5, 1.5, 2.5, -0.5, -1.5, 3.49999, -7.5, 4194303.0, 1e9, -1e9, 123.5], np.float32)
+    expect = ((x + np.float32(12582912.0)).view(np.int32) & 0x7FFFFF) - 0x400000
+    np.testing.assert_array_equal(iq.nearest_int(torch.from_numpy(x)).numpy(), expect)
+    assert list(expect[:7]) == [0, 2, 2, 0, -2, 3, -8]
+
+
+@pytest.mark.parametrize("name,limit", [("IQ4_NL", 0.09), ("IQ4_XS", 0.09), ("Q2_K", 0.33), ("Q3_K", 0.18)])
+def test_gaussian_error_level(name, limit):
+    x = np.random.default_rng(1).standard_normal((16, 4096)).astype(np.float32)
+    t = torch.from_numpy(x)
+    y = QUANTIZERS[name].dequantize(QUANTIZERS[name].quantize(t), 4096)
+    rel = float(((y - t).norm() / t.norm()))
+    print(f"{name}: relative RMSE {rel:.4f}")
+    assert rel < limit
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", TYPES)
+def test_large_random_sweep(name):
+    """A 4096 x 4096 edge matrix (65536 super-blocks), reference and imatrix paths."""
+    x = edge_matrix(4096, 4096, seed=11)
+    compare(name, x, None)
+    compare(name, x, imatrix(4096, seed=12))

@@ -1,0 +1,188 @@
+"""Q4_K / Q5_K / Q6_K against ggml itself: quantization bytes vs `ggml_quantize_chunk` (the code llama-quantize
+runs), dequantization vs PyPI gguf. Reference path (no imatrix): every block identical. Imatrix path: at least
+99.9% of blocks identical and any other block no worse in imatrix-weighted squared error."""
+
+from __future__ import annotations
+
+import time
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from grokquant.quant.ggml_c import ggml_quantize, ggml_validate
+from grokquant.quant import ggml_kquants as K
+
+TYPES = ["Q4_K", "Q5_K", "Q6_K"]
+QUANT = {t: getattr(K, t)() for t in TYPES}
+
+
+def edge_rows(n: int, seed: int) -> np.ndarray:
+    """Rows that stress the searches: outliers, zero (sub-)blocks, tiny and constant values, one-signed
+    blocks, exact rounding ties, +a/-a ties for the largest |x|."""
+    rng = np.random.default_rng(seed)
+    g = lambda scale=1.0: rng.standard_normal(n) * scale  # noqa: E731
+    outliers = g()
+    outliers[rng.integers(0, n, n // 64)] *= 100
+    zero_parts = g()
+    zero_parts[:256] = 0  # whole super-block
+    zero_parts[256 + 32:256 + 64] = 0  # one 32-sub-block
+    zero_parts[512 + 16:512 + 32] = 0  # one 16-sub-block
+    zero_parts[5::32] = 0
+    ties = g()
+    for b in range(0, n, 16):  # +3 and -3 both largest, in either order
+        ties[b + 3], ties[b + 9] = (3.0, -3.0) if rng.random() < 0.5 else (-3.0, 3.0)
+    rows = [
+        g(), g(0.02), outliers, rng.standard_t(2, n), zero_parts, np.zeros(n),
+        g(1e-6), g(1e-20), g(1e-30), g(1e-40), g(3e4), g(1e20),  # 1e-40: subnormal; 1e20: x^3 overflows
+        np.full(n, 0.37), np.full(n, -1.5), np.repeat(rng.standard_normal(n // 256), 256),
+        -np.abs(g()), np.abs(g()) + 0.5, rng.integers(-8, 8, n) / 2, ties,
+        g() * (rng.random(n) < 0.1), np.repeat(rng.standard_normal(n // 32), 32),
+    ]
+    return np.stack(rows).astype(np.float32)
+
+
+def gaussian(rows: int, n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((rows, n), dtype=np.float32)
+
+
+def imatrices(n: int, seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    varied = np.exp(rng.standard_normal(n) * 2)  # spans orders of magnitude
+    varied[rng.random(n) < 0.1] = 0  # dead columns
+    sparse = np.where(rng.random(n) < 0.5, 0.0, rng.random(n))
+    sparse[:64] = 0  # a whole sub-block of zero weight
+    return [varied.astype(np.float32), sparse.astype(np.float32)]
+
+
+def ours(t: str, x: np.ndarray, im: np.ndarray | None = None) -> np.ndarray:
+    return QUANT[t].quantize(torch.from_numpy(x), None if im is None else torch.from_numpy(im)).numpy()
+
+
+def deq(t: str, data: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore"):  # arbitrary bytes hold inf scales: inf * 0
+        return gguf.quants.dequantize(data, getattr(gguf.GGMLQuantizationType, t))
+
+
+def identical_blocks(t: str, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    bb = QUANT[t].type.block_bytes
+    return (a.reshape(-1, bb) == b.reshape(-1, bb)).all(1)
+
+
+def check(t: str, x: np.ndarray, im: np.ndarray | None, label: str) -> float:
+    got, ref = ours(t, x, im), ggml_quantize(t, x, im)
+    same = identical_blocks(t, got, ref)
+    frac = float(same.mean())
+    print(f"{t} {label}: {same.sum()}/{same.size} blocks identical ({frac:.6f})")
+    if im is None:
+        assert frac == 1.0
+    else:
+        assert frac >= 0.999
+        diff = ~same  # a differing block must be at least as good in imatrix-weighted squared error
+        if diff.any():
+            w = np.broadcast_to(im, x.shape).reshape(-1, 256)[diff].astype(np.float64)
+            xb = x.reshape(-1, 256)[diff].astype(np.float64)
+            bb = QUANT[t].type.block_bytes
+            err = lambda d: (w * (deq(t, d.reshape(-1, bb)[diff]) - xb) ** 2).sum(1)  # noqa: E731
+            assert (err(got) <= err(ref) * (1 + 1e-6)).all()
+    # ggml's row check (finite fp16 scales) agrees; rows of ~1e20 overflow fp16 in ggml too
+    assert [ggml_validate(t, r) for r in got] == [ggml_validate(t, r) for r in ref]
+    return frac
+
+
+@pytest.mark.parametrize("t", TYPES)
+@pytest.mark.parametrize("n", [256, 2048, 4096])
+def test_reference_path_bit_exact(t, n):
+    x = np.concatenate([edge_rows(n, seed=n), gaussian(max(1, 8192 // n), n, seed=n + 1)])
+    check(t, x, None, f"reference, edge cases n={n}")
+
+
+@pytest.mark.parametrize("t", TYPES)
+def test_reference_path_gaussian(t):
+    check(t, gaussian(128, 4096, seed=7) * 0.02, None, "reference, gaussian 128x4096")
+
+
+@pytest.mark.parametrize("t", TYPES)
+@pytest.mark.parametrize("n", [256, 2048, 4096])
+def test_imatrix_path(t, n):
+    x = np.concatenate([edge_rows(n, seed=2 * n), gaussian(max(1, 4096 // n), n, seed=n + 2)])
+    for k, im in enumerate(imatrices(n, seed=n)):
+        check(t, x, im, f"imatrix {k}, edge cases n={n}")
+
+
+@pytest.mark.parametrize("t", TYPES)
+def test_imatrix_path_gaussian(t):
+    x = gaussian(64, 4096, seed=11)
+    im = np.random.default_rng(12).random(4096, dtype=np.float32) ** 4 + 1e-3
+    check(t, x, im, "imatrix, gaussian 64x4096")
+
+
+@pytest.mark.parametrize("t", TYPES)
+def test_dequantize_matches_gguf(t):
+    x = np.concatenate([edge_rows(2048, seed=3), gaussian(16, 2048, seed=4)])
+    data = ggml_quantize(t, x)
+    rng = np.random.default_rng(5)  # plus arbitrary bytes: every code and scale bit pattern
+    noise = rng.integers(0, 256, (64, data.shape[1]), dtype=np.uint8)
+    for d in (noise, data):
+        got = QUANT[t].dequantize(torch.from_numpy(d), 2048).numpy()
+        ref = deq(t, d)
+        nan = np.isnan(ref)
+        assert (np.isnan(got) == nan).all()
+        assert (got.view(np.uint32)[~nan] == ref.view(np.uint32)[~nan]).all()  # bitwise, sign of zero too
+
+
+@pytest.mark.parametrize("t", TYPES)
+def test_chunks_and_threads(t, monkeypatch):
+    """Many small chunks spread over the worker threads give the same bytes; torch's thread count is kept."""
+    monkeypatch.setattr(QUANT[t], "chunk", 5)
+    x = np.concatenate([edge_rows(1024, seed=9), gaussian(13, 1024, seed=10)])
+    threads = torch.get_num_threads()
+    assert (ours(t, x) == ggml_quantize(t, x)).all()
+    im = imatrices(1024, seed=9)[0]
+    assert (ours(t, x, im) == ggml_quantize(t, x, im)).all()
+    assert torch.get_num_threads() == threads
+
+
+@pytest.mark.parametrize("t", TYPES)
+def test_loop_sum_fallback(t, monkeypatch):
+    """The plain-loop C-order sum (used where index_add_ does not keep order) gives the same bytes."""
+    assert K._index_add_in_order()
+    monkeypatch.setattr(K, "_index_add_in_order", lambda: False)
+    x = edge_rows(512, seed=13)
+    assert (ours(t, x) == ggml_quantize(t, x)).all()
+    im = imatrices(512, seed=13)[1]
+    assert (ours(t, x, im) == ggml_quantize(t, x, im)).all()
+
+
+def test_roundtrip_quality():
+    """Sanity: relative RMSE on Gaussian data is where the spec puts it (quant.md §5)."""
+    x = gaussian(32, 4096, seed=21)
+    expect = {"Q4_K": 0.078, "Q5_K": 0.038, "Q6_K": 0.019}
+    for t, e in expect.items():
+        y = QUANT[t].dequantize(torch.from_numpy(ours(t, x)), 4096).numpy()
+        rel = np.sqrt(((y - x) ** 2).mean() / (x**2).mean())
+        assert 0.7 * e < rel < 1.2 * e, (t, rel)
+
+
+def test_empty_input():
+    for t in TYPES:
+        assert ours(t, np.zeros((0, 256), np.float32)).shape == (0, QUANT[t].type.block_bytes)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("t", TYPES)
+def test_full_matrix_and_speed(t):
+    """4096x4096, both paths: all blocks compared; prints our time against ggml's (single-threaded) C."""
+    x = gaussian(4096, 4096, seed=31) * 0.02
+    im = np.random.default_rng(32).random(4096, dtype=np.float32) ** 2
+    for label, m in (("reference", None), ("imatrix", im)):
+        t0 = time.perf_counter()
+        got = ours(t, x, m)
+        t1 = time.perf_counter()
+        ref = ggml_quantize(t, x, m)
+        t2 = time.perf_counter()
+        frac = identical_blocks(t, got, ref).mean()
+        print(f"{t} {label} 4096x4096: identical {frac:.6f}; ours {t1 - t0:.2f}s "
+              f"({torch.get_num_threads()} threads), ggml C {t2 - t1:.2f}s, ratio {(t1 - t0) / (t2 - t1):.2f}")
+        assert frac == 1.0 if m is None else frac >= 0.999
