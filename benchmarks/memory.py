@@ -9,6 +9,7 @@ the bf16 tensors read) over the interpreter's baseline.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import tempfile
 from pathlib import Path
@@ -47,20 +48,13 @@ def main() -> None:
             path = synth(Path(tmp) / f"l{n}", "tiny", num_hidden_layers=n, hidden_size=args.hidden,
                          moe_intermediate_size=args.moe, intermediate_size=args.moe // 2)
             cfg = GrokConfig.from_file(path / "config.json")
-            layer = 4 * sum(_numel(s) for s in cfg.layer_shapes(0).values())
+            layer = 4 * sum(math.prod(s) for s in cfg.layer_shapes(0).values())
             ins = run_measured([sys.executable, "-m", "grokquant", "inspect", str(path)])
             run = python_measured(STREAM, str(path))
             if ins.returncode or run.returncode:
                 sys.exit(ins.stderr + run.stderr)
             print(f"{n:>6} {layer / 2**20:>14.0f} {ins.peak_rss / 2**20:>12.0f} {run.peak_rss / 2**20:>15.0f} "
                   f"{(run.peak_rss - base) / layer:>18.2f}")
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 if __name__ == "__main__":

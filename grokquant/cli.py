@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import signal
 import sys
@@ -112,28 +113,29 @@ def convert(checkpoint, output, ftype, recipe, rope, imatrix, split_max_size, na
 
     with Checkpoint.open(checkpoint) as ckpt:
         tensors = plan(ckpt.config, rec, has_imatrix=imat is not None)
-        n_params = sum(p for p in (_numel(t.shape) for t in tensors))
+    n_params = sum(math.prod(t.shape) for t in tensors)
     total = sum(t.nbytes for t in tensors)
     start = time.perf_counter()
-    with tqdm(total=total, unit="B", unit_scale=True, desc=f"convert {rec.name}", file=sys.stderr) as bar:
-        def progress(t, nbytes):
-            bar.set_postfix_str(f"{t.name} {t.type.name}", refresh=False)
-            bar.update(nbytes)
+    bar = None  # created once writing starts, so refusals print no empty bar
 
+    def progress(t, nbytes):
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"convert {rec.name}", file=sys.stderr)
+        bar.set_postfix_str(f"{t.name} {t.type.name}", refresh=False)
+        bar.update(nbytes)
+
+    try:
         paths = run_convert(checkpoint, output, rec, rope=rope, split_max_bytes=parse_size(split_max_size),
                             imatrix=imat, force=force, name=name, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
     seconds = time.perf_counter() - start
     click.echo(f"wrote {', '.join(str(p) for p in paths)}: {len(tensors)} tensors, {total / 1e9:.3f} GB, "
                f"{8 * total / n_params:.3f} bits/weight, {seconds:.1f} s")
     for type_name, nbytes in sorted(planned_summary(tensors).items(), key=lambda kv: -kv[1]):
         click.echo(f"  {type_name:<8}{nbytes / 1e9:12.3f} GB")
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 @main.command()

@@ -38,3 +38,33 @@ def load_imatrix(path: str | Path) -> dict[str, torch.Tensor]:
         return out
     finally:
         f.close()
+
+
+def save_imatrix(path: str | Path, sums: dict[str, torch.Tensor], counts: dict[str, torch.Tensor],
+                 datasets: list[str] = (), chunk_count: int = 0, chunk_size: int = 0) -> None:
+    """Write llama.cpp's GGUF imatrix: per weight `in_sum2` [n_mat, n] and `counts` [n_mat, 1]."""
+    from .gguf_file import GGUFWriter
+    from .quant.ggml_types import TYPES
+
+    w = GGUFWriter(path)
+    w.add_str("general.type", "imatrix")
+    w.add_array("imatrix.datasets", list(datasets), 8)
+    w.add_u32("imatrix.chunk_count", chunk_count)
+    w.add_u32("imatrix.chunk_size", chunk_size)
+    data = []
+    for name in sums:
+        s = sums[name].float().reshape(-1, sums[name].shape[-1])
+        c = counts[name].float().reshape(-1, 1)
+        if c.shape[0] != s.shape[0]:
+            raise ValueError(f"{name}: {s.shape[0]} sums but {c.shape[0]} counts")
+        for suffix, t in ((".in_sum2", s), (".counts", c)):
+            w.add_tensor(name + suffix, tuple(t.shape), TYPES["F32"])
+            data.append((name + suffix, t.contiguous().numpy()))
+    w.write_header()
+    try:
+        for name, arr in data:
+            w.write(name, arr)
+        w.close()
+    except BaseException:
+        w.abort()
+        raise

@@ -9,6 +9,7 @@ not by how much of a 17 GB shard has been touched.
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import struct
@@ -39,10 +40,7 @@ class TensorEntry:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:
@@ -160,10 +158,7 @@ def write_safetensors(path: Path, specs: list[tuple[str, torch.dtype, tuple[int,
     header: dict = {"__metadata__": metadata} if metadata else {}
     offset = 0
     for name, dtype, shape in specs:
-        n = 1
-        for d in shape:
-            n *= d
-        nbytes = n * DTYPES[names[dtype]][1]
+        nbytes = math.prod(shape) * DTYPES[names[dtype]][1]
         header[name] = {"dtype": names[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from .config import GrokConfig, parse_expert_name
 
 GPTQ_GROUP = 128
@@ -24,18 +26,11 @@ def tensor_class(name: str) -> str:
     return "norms"
 
 
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
 def param_counts(shapes: dict[str, tuple[int, ...]], cfg: GrokConfig) -> dict[str, int]:
     """Counts per tensor class, total, always-on and active per token (top-k experts)."""
     counts = dict.fromkeys(("attention", "dense_mlp", "experts", "router", "norms", "embedding", "lm_head"), 0)
     for name, shape in shapes.items():
-        counts[tensor_class(name)] += _numel(shape)
+        counts[tensor_class(name)] += math.prod(shape)
     counts["total"] = sum(counts.values())
     counts["always_on"] = counts["attention"] + counts["dense_mlp"] + counts["embedding"] + counts["lm_head"]
     per_expert = counts["experts"] // max(1, cfg.num_local_experts)
@@ -45,7 +40,7 @@ def param_counts(shapes: dict[str, tuple[int, ...]], cfg: GrokConfig) -> dict[st
 
 
 def _int8_bytes(shape) -> int:  # int8 per output channel + one fp16 scale per row
-    return _numel(shape) + 2 * shape[0]
+    return math.prod(shape) + 2 * shape[0]
 
 
 def _gptq_bytes(shape, bits: int = 4, group: int = GPTQ_GROUP) -> int:
@@ -61,12 +56,12 @@ def format_bytes(cfg: GrokConfig) -> dict[str, int]:
     (and lm_head for int8) quantized, the rest bf16. GGUF: llama.cpp's mixes, norms and router F32.
     """
     shapes = cfg.all_shapes()
-    out = {"bf16": 2 * sum(_numel(s) for s in shapes.values())}
+    out = {"bf16": 2 * sum(math.prod(s) for s in shapes.values())}
     int8 = gptq = 0
     for name, shape in shapes.items():
         cls = tensor_class(name)
-        int8 += _int8_bytes(shape) if cls in ("attention", "dense_mlp", "experts", "lm_head") else 2 * _numel(shape)
-        gptq += _gptq_bytes(shape) if cls in ("attention", "dense_mlp", "experts") else 2 * _numel(shape)
+        int8 += _int8_bytes(shape) if cls in ("attention", "dense_mlp", "experts", "lm_head") else 2 * math.prod(shape)
+        gptq += _gptq_bytes(shape) if cls in ("attention", "dense_mlp", "experts") else 2 * math.prod(shape)
     out["int8"] = int8
     out["gptq_int4_g128"] = gptq
     for ftype in ("q8_0", "q6_k", "q5_k_m", "q4_k_m", "iq4_xs"):

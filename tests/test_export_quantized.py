@@ -95,3 +95,33 @@ def test_quantized_logits_match_llamacpp(tiny_tp8, tmp_path, ftype, tol):
           f"quantization moves logits max {effect.max():.3g} mean {effect.mean():.3g}")
     assert gap.max() < tol
     assert gap.mean() < 0.75 * effect.mean()
+
+
+@pytest.mark.parametrize("ftype", ["q4_k_m", "iq4_xs", "q4_0"])
+def test_imatrix_conversion_equals_llama_quantize(tiny_tp8, f32, tmp_path, ftype):
+    """Per-expert importance from a GGUF imatrix: our file equals llama_model_quantize given the same data."""
+    from grokquant.imatrix import load_imatrix, save_imatrix
+
+    cfg = GGUFWeights(f32).config
+    gen = torch.Generator().manual_seed(5)
+    sums, counts = {}, {}
+    for t in plan(cfg, GGUFRecipe(ftype, ftype)):
+        if t.type.name == "F32":
+            continue
+        n_mat = t.shape[0] if len(t.shape) == 3 else 1
+        counts[t.name] = torch.randint(0, 50, (n_mat,), generator=gen).float()
+        if n_mat > 1:
+            counts[t.name][3] = 0  # an expert that saw no tokens: llama.cpp uses 1.0 for it
+        sums[t.name] = torch.rand(n_mat, t.shape[-1], generator=gen) ** 4 * counts[t.name][:, None] * 10
+    path = tmp_path / "imatrix.gguf"
+    save_imatrix(path, sums, counts, ["synthetic"], 1, 512)
+    imatrix = load_imatrix(path)
+    np.savez(tmp_path / "imatrix.npz", **{k: v.numpy() for k, v in imatrix.items()})
+    ref = tmp_path / "ref.gguf"
+    llama("quantize", f32, ref, FTYPES[ftype][0], 0, tmp_path / "imatrix.npz")
+    ours = convert(tiny_tp8, tmp_path / "ours.gguf", GGUFRecipe(ftype, ftype), imatrix=imatrix)[0]
+    fraction = compare_files(ours, ref)
+    print(f"{ftype} with imatrix: {fraction:.6%} of blocks identical to llama-quantize")
+    assert fraction >= 0.999
+    without = convert(tiny_tp8, tmp_path / "plain.gguf", GGUFRecipe(ftype, ftype))[0]
+    assert compare_files(without, ref) < 0.9  # the importance really changed the result

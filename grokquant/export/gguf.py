@@ -189,23 +189,32 @@ def validate(path: Path, expected: list[PlannedTensor]) -> None:
             raw = f.raw(t.name)
             if t.type.name in SCALE_FIELDS:
                 off, count = SCALE_FIELDS[t.type.name]
-                blocks = raw.reshape(-1, t.type.block_bytes)
-                scales = blocks[:, off:off + 2 * count].copy().view(np.float16)
+                values, kind = raw.reshape(-1, t.type.block_bytes)[:, off:off + 2 * count].copy(), "F16"
             else:
-                scales = raw.view({"F32": np.float32, "F16": np.float16, "BF16": np.uint16}[t.type.name])
-                if t.type.name == "BF16":
-                    scales = (scales.astype(np.uint32) << 16).view(np.float32)
-            if not np.isfinite(scales).all():
+                values, kind = raw, t.type.name
+            if not _all_finite(values, kind):
                 raise GrokquantError(f"{path}: {t.name} has non-finite scales or values")
     finally:
         f.close()
 
 
+# exponent bits of IEEE formats: all ones means inf or NaN
+_EXPONENT = {"F16": (np.uint16, 0x7C00), "BF16": (np.uint16, 0x7F80), "F32": (np.uint32, 0x7F800000)}
+
+
+def _all_finite(raw: np.ndarray, kind: str) -> bool:
+    dtype, mask = _EXPONENT[kind]
+    bits = np.ascontiguousarray(raw).view(dtype)
+    return not np.any((bits & dtype(mask)) == dtype(mask))
+
 def convert(checkpoint: str | Path, out: str | Path, recipe: GGUFRecipe, rope: str = "plain",
             split_max_bytes: int | None = None, imatrix: dict[str, torch.Tensor] | None = None,
             force: bool = False, name: str | None = None,
             progress: Callable[[PlannedTensor, int], None] | None = None) -> list[Path]:
-    """Write `out` (or its split shards); returns the written paths."""
+    """Write `out` (or its split shards); returns the written paths.
+
+    `progress(tensor, nbytes)` is called with 0 when a tensor starts and its size when it is written.
+    """
     if rope not in ROPE_MODES:
         raise GrokquantError(f"unknown rope mode {rope!r} (plain or yarn)")
     ckpt = Checkpoint.open(checkpoint)
@@ -234,10 +243,12 @@ def convert(checkpoint: str | Path, out: str | Path, recipe: GGUFRecipe, rope: s
             w.write_header()
             try:
                 for t in shard:
+                    if progress:
+                        progress(t, 0)  # starting t
                     for chunk in tensor_chunks(ckpt, t, imatrix):
                         w.write(t.name, chunk)
                     if progress:
-                        progress(t, t.nbytes)
+                        progress(t, t.nbytes)  # t written
                 w.close()
             except BaseException:
                 w.abort()
