@@ -53,3 +53,13 @@ def test_inspect_memory_is_bounded(checkpoints):
         assert m.returncode == 0, m.stderr
         peaks[n] = m.peak_rss
     assert abs(peaks[8] - peaks[2]) < 20e6, peaks
+
+
+def test_convert_memory_is_bounded(checkpoints, tmp_path):
+    peaks = {}
+    for n, path in checkpoints.items():
+        m = run_measured([sys.executable, "-m", "grokquant", "convert", str(path), "-o", str(tmp_path / f"{n}.gguf"),
+                          "--type", "q8_0"])
+        assert m.returncode == 0, m.stderr
+        peaks[n] = m.peak_rss
+    assert peaks[8] - peaks[2] < 0.75 * LAYER_F32_BYTES, peaks

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import math
 import threading
+import warnings
 from functools import lru_cache
+from typing import Tuple
 
 import numpy as np
 import torch
@@ -72,6 +74,27 @@ def _sqrtf_(v: torch.Tensor, buf: Scratch) -> torch.Tensor:
     d = buf("f64", *v.shape, dtype=torch.float64)
     d.copy_(v).sqrt_()
     return v.copy_(d)
+
+
+@lru_cache(maxsize=None)
+def _scripted(fn):
+    """fn compiled by TorchScript, run without graph optimizations (thread-local flag), else fn itself.
+
+    A scripted call runs all its ops without the GIL: chunks on Python threads (`for_each_chunk`) then never
+    wait for each other to hand the GIL over between ops (thousands per chunk), and per-op overhead drops.
+    No optimizations means no fusion or rewriting: the graph runs the same aten kernels as eager mode."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.jit.script is deprecated (still supported)
+            compiled = torch.jit.script(fn)
+    except Exception:  # TorchScript unavailable: eager mode gives the same bytes, only slower
+        return fn
+
+    def run(*args):
+        with torch.jit.optimized_execution(False):
+            return compiled(*args)
+
+    return run
 
 
 # ---- sums in C order ------------------------------------------------------------------------------------
@@ -139,33 +162,71 @@ def make_qkx(x, w, nmax: int, rmin: float, rdelta: float, nstep: int, buf: Scrat
     """make_qkx2_quants / make_qkx3_quants (same code given weights, no MAD) -> scale, the_min [M], L [n, M].
 
     Sequential over candidates like C: an accepted fit also moves `min`, which shifts the iscale and the
-    codes of every later candidate. L lives in `buf`."""
+    codes of every later candidate. L lives in `buf`. The search runs as TorchScript (see `_scripted`)."""
     n, M = x.shape
-    sum_w, sum_x = _seqsum(w, False), _seqsum(torch.mul(w, x, out=buf("e", n, M)), False)
-    mn0 = mn = x.amin(0).clamp_max(0.0)
+    nums = _iscale_numerators(nmax, rmin, rdelta, nstep, x.device)
+    ordered = x.device.type == "cpu" and _index_add_in_order()
+    return _scripted(_qkx_search)(x, w, nmax, nums, buf("L", n, M), buf("P", n, 3, M), buf("R", 5, M),
+                                  _zeros_index(n).to(x.device), ordered)
+
+
+@lru_cache(maxsize=None)
+def _iscale_numerators(nmax: int, rmin: float, rdelta: float, nstep: int, device: torch.device) -> torch.Tensor:
+    """[nmax, then C's `rmin + rdelta*is + nmax` for is = 0..nstep] as fp32."""
+    nums = [_f32(nmax)] + [_f32(_f32(_f32(rmin) + _f32(_f32(rdelta) * i)) + nmax) for i in range(nstep + 1)]
+    return torch.tensor(nums, dtype=torch.float32, device=device)
+
+
+def _seqsum_into(out: torch.Tensor, t: torch.Tensor, zidx: torch.Tensor, ordered: bool) -> torch.Tensor:
+    """out = `s = 0; s += t[i]` over dim 0 of t, in C order (TorchScript version of `_seqsum`)."""
+    out.zero_()
+    if ordered:
+        out.unsqueeze(0).index_add_(0, zidx, t)
+    else:
+        for i in range(t.shape[0]):
+            out.add_(t[i])
+    return out
+
+
+def _qkx_search(x: torch.Tensor, w: torch.Tensor, nmax: int, nums: torch.Tensor, L: torch.Tensor, P: torch.Tensor,
+                R: torch.Tensor, zidx: torch.Tensor, ordered: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The body of make_qkx. Scratch: L [n, M] (codes, then their error terms, in place), P [n, 3, M] (the
+    three products per code), R [5, M] (sum_w, sum_x and the three sums of the candidate)."""
+    sum_w, sum_x, sums = R[0], R[1], R[2:]
+    wx = torch.mul(w, x, out=P[:, 0])
+    sum_w.copy_(w[0])  # C starts these two sums from the first term
+    sum_x.copy_(wx[0])
+    if ordered:
+        sum_w.unsqueeze(0).index_add_(0, zidx[1:], w[1:])
+        sum_x.unsqueeze(0).index_add_(0, zidx[1:], wx[1:])
+    else:
+        for i in range(1, x.shape[0]):
+            sum_w.add_(w[i])
+            sum_x.add_(wx[i])
+    mn0 = x.amin(0).clamp_max(0.0)
+    mn = mn0
     mx = x.amax(0)
-    iscale = _const(nmax, x) / (mx - mn)
-    L = torch.sub(x, mn, out=buf("L", n, M)).mul_(iscale).round_().clamp_(0, nmax)  # round = nearest_int here
-    err = buf("e", n, M)
+    iscale = nums[0] / (mx - mn)
     scale = 1 / iscale
-    best = _sq_err(torch.mul(L, scale, out=err), mn, x, w)
+    torch.sub(x, mn, out=L).mul_(iscale).round_().clamp_(0, nmax)  # round = nearest_int here
+    best = _seqsum_into(torch.empty_like(mx), _sq_err_(L, scale, mn, x, w), zidx, ordered)
     keep_is, keep_mn = iscale, mn  # (iscale, min) that reproduce the kept codes
-    prods = buf("P", n, 3, M)
-    wl, wll, wlx = prods.unbind(1)
-    for step in range(nstep + 1):
-        isc = _const(_f32(_f32(rmin) + _f32(_f32(rdelta) * step)) + nmax, x) / (mx - mn)
+    wl, wll, wlx = P[:, 0], P[:, 1], P[:, 2]
+    cur = torch.empty_like(mx)
+    for step in range(1, nums.shape[0]):
+        isc = nums[step] / (mx - mn)
         torch.sub(x, mn, out=L).mul_(isc).round_().clamp_(0, nmax)
         torch.mul(w, L, out=wl)
         torch.mul(wl, L, out=wll)
         torch.mul(wl, x, out=wlx)
-        sl, sl2, sxl = _seqsum(prods)
+        sl, sl2, sxl = _seqsum_into(sums, P, zidx, ordered).unbind(0)
         D = sum_w * sl2 - sl * sl
         this_scale = (sum_w * sxl - sum_x * sl) / D
         this_min = (sl2 * sum_x - sl * sxl) / D
         pos = this_min > 0  # C: min = 0, scale = sum_xl / sum_l2
         this_min.clamp_max_(0.0)
         this_scale = torch.where(pos, sxl / sl2, this_scale)
-        cur = _sq_err(torch.mul(L, this_scale, out=err), this_min, x, w)
+        _seqsum_into(cur, _sq_err_(L, this_scale, this_min, x, w), zidx, ordered)
         better = (D > 0) & (cur < best)
         best = torch.where(better, cur, best)
         scale = torch.where(better, this_scale, scale)
@@ -175,11 +236,14 @@ def make_qkx(x, w, nmax: int, rmin: float, rdelta: float, nstep: int, buf: Scrat
     torch.sub(x, keep_mn, out=L).mul_(keep_is).round_().clamp_(0, nmax)
     # all equal (after min <= 0): zero codes, scale 0, the_min = -min. A range so tiny that iscale = inf
     # gives nearest_int(inf or nan) = (clamped) 0 in C, and then no fit is ever accepted.
-    zero_codes = (mx == mn0) | keep_is.isinf()
-    if zero_codes.any():
-        L[:, zero_codes] = 0
+    L.masked_fill_(((mx == mn0) | keep_is.isinf()).unsqueeze(0), 0.0)
     flat = mx == mn0
     return torch.where(flat, torch.zeros_like(scale), scale), torch.where(flat, -mn0, -mn), L
+
+
+def _sq_err_(L: torch.Tensor, scale: torch.Tensor, m: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The terms w_i*(scale*l_i + m - x_i)^2 in C's op order, computed in place in L."""
+    return L.mul_(scale).add_(m).sub_(x).mul_(L).mul_(w)
 
 
 def _sq_err(e: torch.Tensor, m, x, w) -> torch.Tensor:
