@@ -139,6 +139,77 @@ def convert(checkpoint, output, ftype, recipe, rope, imatrix, split_max_size, na
 
 
 @main.command()
+@click.argument("checkpoint", type=click.Path(file_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="Statistics file (.safetensors): per layer and input group, Σx², token counts[, Hessians].")
+@click.option("--data", default="builtin", show_default=True,
+              help="A text file, a folder of text files, JSON Lines (text or prompt/response), or builtin.")
+@click.option("--tokens", "n_tokens", default=8192, show_default=True, help="Calibration tokens in total.")
+@click.option("--seq-len", default=512, show_default=True, help="Tokens per window.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--chat", is_flag=True, help="Render prompt/response pairs in Grok 2's chat format.")
+@click.option("--imatrix", "imatrix_out", type=click.Path(dir_okay=False),
+              help="Also write llama.cpp's GGUF imatrix (for llama-quantize --imatrix or convert --imatrix).")
+@click.option("--hessians", is_flag=True, help="Also store full Hessians Σxxᵀ (small models only).")
+@click.option("--min-tokens", default=64, show_default=True, help="Flag experts that see fewer tokens.")
+@click.option("--batch-size", default=8, show_default=True, help="Sequences pushed through a layer at once.")
+@click.option("--force", is_flag=True, help="Overwrite existing outputs.")
+def calibrate(checkpoint, output, data, n_tokens, seq_len, seed, chat, imatrix_out, hessians, min_tokens,
+              batch_size, force):
+    """Collect per-expert calibration statistics, one layer at a time."""
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from .calib_data import calibration_tokens
+    from .calibrate import collect, coverage_problems, imatrix_entries, render_coverage, save_stats
+    from .checkpoint import Checkpoint
+    from .imatrix import save_imatrix
+    from .tokenizer import load_tokenizer
+
+    for p in (output, imatrix_out):
+        if p and Path(p).exists() and not force:
+            raise GrokquantError(f"{p} exists (use --force to overwrite)")
+    ckpt = Checkpoint.open(checkpoint)
+    cfg = ckpt.config
+    tokens = calibration_tokens(load_tokenizer(ckpt.tokenizer_path), data, n_tokens, seq_len, seed, chat)
+    all_stats, sums, counts = [], {}, {}
+    with tqdm(total=cfg.num_hidden_layers, unit="layer", desc="calibrate", file=sys.stderr) as bar:
+        for stats in collect(ckpt, tokens, hessians=hessians, batch_size=batch_size):
+            for name, (s, c) in imatrix_entries(stats, cfg.num_local_experts).items():
+                sums[name], counts[name] = s, c
+            all_stats.append(stats)
+            bar.update(1)
+    meta = {"checkpoint": str(checkpoint), "data": str(data), "tokens": int(tokens.numel()), "seq_len": seq_len,
+            "seed": seed, "chat": chat}
+    _write_atomically(output, lambda tmp: save_stats(tmp, all_stats, meta))
+    if imatrix_out:
+        _write_atomically(imatrix_out, lambda tmp: save_imatrix(tmp, sums, counts, [str(data)],
+                                                                tokens.shape[0], seq_len))
+    per_layer = [s.expert_tokens(cfg.num_local_experts) for s in all_stats]
+    click.echo(render_coverage(per_layer, min_tokens))
+    low = coverage_problems(per_layer, min_tokens)
+    click.echo(f"{tokens.numel()} tokens ({tokens.shape[0]} x {seq_len}); "
+               f"{len(low)} expert(s) below {min_tokens} tokens" + (": " + ", ".join(
+                   f"layer {l} expert {e} ({n})" for l, e, n in low[:8]) if low else ""))
+    click.echo(f"wrote {output}" + (f" and {imatrix_out}" if imatrix_out else ""))
+
+
+def _write_atomically(path, write) -> None:
+    """write(tmp) then rename onto `path`; no partial file under `path` on failure."""
+    import os
+    from pathlib import Path
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@main.command()
 @click.argument("artifact", type=click.Path(exists=True))
 @click.option("--prompt", required=True)
 @click.option("--max-new-tokens", default=32, show_default=True)

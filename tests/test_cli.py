@@ -60,3 +60,15 @@ def test_synth_and_run(tmp_path):
     assert res.output.startswith("The quick brown fox") and len(res.output) > len("The quick brown fox")
     res = invoke("run", out, "--prompt", "Hello", "--chat", "--max-new-tokens", "3", "--semantics", "llama.cpp")
     assert res.exit_code == 0 and res.output.startswith("Human: Hello<|separator|>\n\nAssistant:")
+
+
+def test_calibrate_writes_stats_and_imatrix(tiny_tp8, tmp_path):
+    out, im = tmp_path / "stats.safetensors", tmp_path / "imatrix.gguf"
+    args = ["calibrate", tiny_tp8, "-o", out, "--imatrix", im, "--tokens", 512, "--seq-len", 64, "--min-tokens", 10]
+    res = invoke(*args)
+    assert res.exit_code == 0, res.output
+    assert out.exists() and im.exists()
+    assert "tokens per expert" in res.output and "512 tokens (8 x 64)" in res.output
+    assert invoke(*args).exit_code == 2  # refuses to overwrite
+    res = invoke("convert", tiny_tp8, "-o", tmp_path / "x.gguf", "--type", "q4_k_m", "--imatrix", im)
+    assert res.exit_code == 0, res.output

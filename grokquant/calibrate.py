@@ -1,0 +1,184 @@
+"""Layer-streamed calibration: push calibration tokens through the model one decoder layer at a
+time and collect, for every linear input, the diagonal statistics (Σx², the importance matrix) and
+optionally the full Hessian Σxxᵀ that GPTQ uses.
+
+Inputs that share a matrix share statistics: q/k/v (one), dense gate/up (one), and per expert
+w1/w3 (one, from the tokens the router sends to that expert); each expert's w2 sees that expert's
+own intermediate activations. Memory: one layer's weights, the hidden states of all calibration
+tokens, and the statistics of one layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+from .checkpoint import Checkpoint
+from .model import Grok2ForCausalLM, rope_cos_sin
+
+# linear (relative to its decoder layer) -> the statistics group of its input
+SHARED_INPUTS = {"self_attn.q_proj": "attn_qkv", "self_attn.o_proj": "attn_o", "mlp.gate_proj": "mlp_gate_up",
+                 "mlp.down_proj": "mlp_down"}
+
+
+def group_of(linear: str) -> str | None:
+    """Statistics group of a linear's input, e.g. block_sparse_moe.experts.3.w1 -> expert3_w13."""
+    if linear in SHARED_INPUTS:
+        return SHARED_INPUTS[linear]
+    parts = linear.split(".")
+    if len(parts) == 4 and parts[:2] == ["block_sparse_moe", "experts"] and parts[3] in ("w1", "w2"):
+        return f"expert{parts[2]}_{'w2' if parts[3] == 'w2' else 'w13'}"
+    return None  # k/v/up/w3 share their group's input; the router is never quantized
+
+
+@dataclass
+class LayerStats:
+    layer: int
+    sum2: dict[str, torch.Tensor] = field(default_factory=dict)  # group -> Σx² per input column
+    count: dict[str, int] = field(default_factory=dict)  # group -> rows (tokens) seen
+    hessian: dict[str, torch.Tensor] = field(default_factory=dict)  # group -> Σxxᵀ (when collected)
+
+    def expert_tokens(self, n_experts: int) -> list[int]:
+        return [self.count.get(f"expert{e}_w13", 0) for e in range(n_experts)]
+
+
+class _Collector:
+    """Forward pre-hooks on one decoder layer's linears that accumulate their inputs' statistics."""
+
+    def __init__(self, layer_module: torch.nn.Module, stats: LayerStats, hessians: bool):
+        self.stats, self.hessians, self.handles = stats, hessians, []
+        for name, module in layer_module.named_modules():
+            group = group_of(name)
+            if group is not None:
+                self.handles.append(module.register_forward_pre_hook(self._hook(group)))
+
+    def _hook(self, group: str):
+        def hook(module, args):
+            x = args[0].reshape(-1, args[0].shape[-1]).float()
+            s = self.stats
+            if group not in s.sum2:
+                s.sum2[group] = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
+                s.count[group] = 0
+                if self.hessians:
+                    s.hessian[group] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
+            s.sum2[group] += x.pow(2).sum(0, dtype=torch.float64)
+            s.count[group] += x.shape[0]
+            if self.hessians:
+                s.hessian[group].addmm_(x.t(), x)
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+@torch.no_grad()
+def collect(ckpt: Checkpoint, tokens: torch.Tensor, semantics: str = "sglang", hessians: bool = False,
+            batch_size: int = 8, device: str = "cpu",
+            on_layer: Callable[[LayerStats], None] | None = None) -> Iterator[LayerStats]:
+    """Yield each layer's statistics in turn (drop a layer's Hessians before asking for the next).
+
+    tokens: [n_sequences, seq_len]. The hidden states of layer l+1 come from the unquantized layer l
+    (the fast, independent mode).
+    """
+    cfg = ckpt.config
+    model = Grok2ForCausalLM.empty(cfg, semantics)
+    model._assign(model, {"model.embed_tokens.weight": ckpt.tensor("model.embed_tokens.weight")}, torch.float32, "cpu")
+    hidden = [model.embed(tokens[i:i + batch_size]) for i in range(0, tokens.shape[0], batch_size)]
+    model.model.embed_tokens.to("meta")
+    positions = torch.arange(tokens.shape[1], device=device)
+    rope = tuple(t.to(device) for t in rope_cos_sin(positions, cfg, model.sem))
+    for layer in range(cfg.num_hidden_layers):
+        if layer:
+            model.recycle_layer(layer - 1, layer)
+        model.load_layer(layer, ckpt.tensor, torch.float32, device)
+        stats = LayerStats(layer)
+        collector = _Collector(model.model.layers[layer], stats, hessians)
+        try:
+            for i, h in enumerate(hidden):
+                hidden[i] = model.run_layer(layer, h.to(device), positions, None, rope).to(h.device)
+        finally:
+            collector.remove()
+        stats.sum2 = {k: v.float() for k, v in stats.sum2.items()}
+        if on_layer:
+            on_layer(stats)
+        yield stats
+    model.unload_layer(cfg.num_hidden_layers - 1)
+
+
+# ---- importance matrix and coverage -------------------------------------------------------------------
+
+def imatrix_entries(stats: LayerStats, n_experts: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """GGUF weight name -> (Σx² [n_mat, n], counts [n_mat]) in llama.cpp's imatrix layout."""
+    blk = f"blk.{stats.layer}."
+    out = {}
+
+    def dense(names, group):
+        if group in stats.sum2:
+            for n in names:
+                out[blk + n] = (stats.sum2[group][None], torch.tensor([float(stats.count[group])]))
+
+    dense(("attn_q.weight", "attn_k.weight", "attn_v.weight"), "attn_qkv")
+    dense(("attn_output.weight",), "attn_o")
+    dense(("ffn_gate.weight", "ffn_up.weight"), "mlp_gate_up")
+    dense(("ffn_down.weight",), "mlp_down")
+    for kind, names in (("w13", ("ffn_gate_exps.weight", "ffn_up_exps.weight")), ("w2", ("ffn_down_exps.weight",))):
+        groups = [f"expert{e}_{kind}" for e in range(n_experts)]
+        width = next((stats.sum2[g].numel() for g in groups if g in stats.sum2), None)
+        if width is None:
+            continue  # no expert of this layer saw a token
+        sums = torch.stack([stats.sum2.get(g, torch.zeros(width)) for g in groups])
+        counts = torch.tensor([float(stats.count.get(g, 0)) for g in groups])
+        for n in names:
+            out[blk + n] = (sums, counts)
+    return out
+
+
+def coverage_problems(per_layer: list[list[int]], min_tokens: int) -> list[tuple[int, int, int]]:
+    """(layer, expert, tokens) for every expert that saw fewer than `min_tokens` tokens."""
+    return [(l, e, n) for l, counts in enumerate(per_layer) for e, n in enumerate(counts) if n < min_tokens]
+
+
+def render_coverage(per_layer: list[list[int]], min_tokens: int) -> str:
+    n_exp = len(per_layer[0]) if per_layer else 0
+    lines = ["tokens per expert (rows: layers; * = below --min-tokens %d)" % min_tokens,
+             "layer " + "".join(f"{f'e{e}':>8}" for e in range(n_exp))]
+    for l, counts in enumerate(per_layer):
+        lines.append(f"{l:>5} " + "".join(f"{n:>7}{'*' if n < min_tokens else ' '}" for n in counts))
+    return "\n".join(lines)
+
+
+def save_stats(path, all_stats: list[LayerStats], metadata: dict) -> None:
+    """Statistics of every layer as safetensors: layers.L.GROUP.{sum2,count[,hessian]}."""
+    import json
+
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for s in all_stats:
+        for group, v in s.sum2.items():
+            tensors[f"layers.{s.layer}.{group}.sum2"] = v.float().contiguous()
+            tensors[f"layers.{s.layer}.{group}.count"] = torch.tensor([s.count[group]], dtype=torch.int64)
+        for group, h in s.hessian.items():
+            tensors[f"layers.{s.layer}.{group}.hessian"] = h.contiguous()
+    save_file(tensors, str(path), metadata={"grokquant": json.dumps(metadata)})
+
+
+def load_stats(path) -> list[LayerStats]:
+    from safetensors import safe_open
+
+    by_layer: dict[int, LayerStats] = {}
+    with safe_open(str(path), "pt") as f:
+        for key in f.keys():
+            _, layer, group, kind = key.split(".")
+            s = by_layer.setdefault(int(layer), LayerStats(int(layer)))
+            t = f.get_tensor(key)
+            if kind == "sum2":
+                s.sum2[group] = t
+            elif kind == "count":
+                s.count[group] = int(t.item())
+            else:
+                s.hessian[group] = t
+    return [by_layer[k] for k in sorted(by_layer)]
