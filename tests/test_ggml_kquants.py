@@ -186,3 +186,45 @@ def test_full_matrix_and_speed(t):
         print(f"{t} {label} 4096x4096: identical {frac:.6f}; ours {t1 - t0:.2f}s "
               f"({torch.get_num_threads()} threads), ggml C {t2 - t1:.2f}s, ratio {(t1 - t0) / (t2 - t1):.2f}")
         assert frac == 1.0 if m is None else frac >= 0.999
+
+
+def test_search_runs_as_torchscript():
+    """The make_qkx search compiles (a silent eager fallback would be correct but much slower)."""
+    assert K._scripted(K._qkx_search) is not K._qkx_search
+
+
+@pytest.mark.parametrize("t", ["Q4_K", "Q5_K"])
+def test_eager_search_fallback(t, monkeypatch):
+    """Without TorchScript the same search runs eagerly and gives the same bytes."""
+    monkeypatch.setattr(K, "_scripted", lambda fn: fn)
+    x = np.concatenate([edge_rows(512, seed=17), gaussian(8, 512, seed=18)])
+    assert (ours(t, x) == ggml_quantize(t, x)).all()
+    im = imatrices(512, seed=17)[0]
+    assert (ours(t, x, im) == ggml_quantize(t, x, im)).all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("t", TYPES)
+def test_random_stress(t):
+    """Many random mixtures of scales, offsets, outliers, sparsity and quantized grids, every block compared."""
+    rng = np.random.default_rng(41)
+    parts = []
+    for _ in range(400):
+        n = 256 * int(rng.integers(1, 5))
+        kind = rng.integers(0, 6)
+        r = rng.standard_normal(n) * 10.0 ** rng.uniform(-8, 4)
+        if kind == 1:
+            r += rng.uniform(-3, 3) * np.abs(r).max()  # offset: one-signed blocks
+        elif kind == 2:
+            r[rng.random(n) < 0.05] *= 10.0 ** rng.uniform(1, 3)  # outliers
+        elif kind == 3:
+            r *= rng.random(n) < rng.uniform(0.02, 0.5)  # sparse
+        elif kind == 4:
+            r = np.round(r / np.abs(r).max() * rng.integers(1, 40)) * 10.0 ** rng.uniform(-3, 1)  # grids: ties
+        elif kind == 5:
+            r = rng.standard_t(rng.uniform(1, 5), n)
+        parts.append(r.astype(np.float32).reshape(-1, 256))
+    blocks = np.concatenate(parts)
+    x = blocks[: len(blocks) // 4 * 4].reshape(-1, 1024)  # rows of 4 super-blocks
+    check(t, x, None, "random stress")
+    check(t, x, imatrices(1024, seed=42)[0], "random stress, imatrix")

@@ -13,7 +13,9 @@ How exactness is kept:
 - Codes go through C's integer types: uint8 / int8 wrap-around is reproduced with masks; nearest_int is
   emulated bit for bit where its argument can leave the int range (tiny fp16 scales).
 Speed: super-blocks are processed in chunks on torch.get_num_threads() Python threads, each running
-serial torch ops on cache-sized, reused scratch buffers (see `ggml.for_each_chunk`, `Scratch`).
+serial torch ops on cache-sized, reused scratch buffers (see `ggml.for_each_chunk`, `Scratch`). The
+make_qkx search, most of the work, runs as TorchScript, without the GIL (see `_scripted`): as eager ops,
+two threads spent much of their time handing the GIL to each other and ran barely faster than one.
 """
 
 from __future__ import annotations
@@ -210,35 +212,35 @@ def _qkx_search(x: torch.Tensor, w: torch.Tensor, nmax: int, nums: torch.Tensor,
     scale = 1 / iscale
     torch.sub(x, mn, out=L).mul_(iscale).round_().clamp_(0, nmax)  # round = nearest_int here
     best = _seqsum_into(torch.empty_like(mx), _sq_err_(L, scale, mn, x, w), zidx, ordered)
-    # Search state and this step's candidate, row for row: a fit is accepted by one bitwise select over all
-    # rows (torch.where is far slower). keep_is, keep_mn: the (iscale, min) that reproduce the kept codes.
-    state = torch.stack([best, scale, mn, iscale, mn])  # best, scale, min, keep_is, keep_mn
-    cand = torch.empty_like(state)  # cur, this_scale, this_min, iscale, min
-    best, scale, mn, keep_is, keep_mn = state.unbind(0)
-    cur, this_scale, this_min, isc, mn_now = cand.unbind(0)
-    state_bits, cand_bits = state.view(dtype=torch.int32), cand.view(dtype=torch.int32)
-    flip = torch.empty_like(state_bits)  # preallocated: a fresh temporary this size costs page faults
+    keep_is, keep_mn = iscale, mn  # (iscale, min) that reproduce the kept codes
     wl, wll, wlx = P[:, 0], P[:, 1], P[:, 2]
+    cur = torch.empty_like(mx)
     for step in range(1, nums.shape[0]):
-        torch.div(nums[step], mx - mn, out=isc)
-        mn_now.copy_(mn)
+        isc = nums[step] / (mx - mn)
         torch.sub(x, mn, out=L).mul_(isc).round_().clamp_(0, nmax)
         torch.mul(w, L, out=wl)
         torch.mul(wl, L, out=wll)
         torch.mul(wl, x, out=wlx)
         sl, sl2, sxl = _seqsum_into(sums, P, zidx, ordered).unbind(0)
         D = sum_w * sl2 - sl * sl
-        torch.div(sum_w * sxl - sum_x * sl, D, out=this_scale)
-        torch.div(sl2 * sum_x - sl * sxl, D, out=this_min)
-        torch.where(this_min > 0, sxl / sl2, this_scale, out=this_scale)  # C: min = 0, scale = sum_xl / sum_l2
+        this_scale = (sum_w * sxl - sum_x * sl) / D
+        this_min = (sl2 * sum_x - sl * sxl) / D
+        pos = this_min > 0  # C: min = 0, scale = sum_xl / sum_l2
         this_min.clamp_max_(0.0)
+        this_scale = torch.where(pos, sxl / sl2, this_scale)
         _seqsum_into(cur, _sq_err_(L, this_scale, this_min, x, w), zidx, ordered)
-        take = ((D > 0) & (cur < best)).to(torch.int32).neg_()  # all ones where accepted
-        state_bits.bitwise_xor_(torch.bitwise_xor(state_bits, cand_bits, out=flip).bitwise_and_(take))
+        better = (D > 0) & (cur < best)
+        best = torch.where(better, cur, best)
+        scale = torch.where(better, this_scale, scale)
+        keep_is = torch.where(better, isc, keep_is)
+        keep_mn = torch.where(better, mn, keep_mn)
+        mn = torch.where(better, this_min, mn)
     torch.sub(x, keep_mn, out=L).mul_(keep_is).round_().clamp_(0, nmax)
     # all equal (after min <= 0): zero codes, scale 0, the_min = -min. A range so tiny that iscale = inf
     # gives nearest_int(inf or nan) = (clamped) 0 in C, and then no fit is ever accepted.
-    L.masked_fill_(((mx == mn0) | keep_is.isinf()).unsqueeze(0), 0.0)
+    zero_codes = (mx == mn0) | keep_is.isinf()
+    if bool(zero_codes.any()):
+        L.masked_fill_(zero_codes, 0.0)
     flat = mx == mn0
     return torch.where(flat, torch.zeros_like(scale), scale), torch.where(flat, -mn0, -mn), L
 
@@ -248,13 +250,7 @@ def _sq_err_(L: torch.Tensor, scale: torch.Tensor, m: torch.Tensor, x: torch.Ten
     return L.mul_(scale).add_(m).sub_(x).mul_(L).mul_(w)
 
 
-def _sq_err(e: torch.Tensor, m, x, w) -> torch.Tensor:
-    """sum_i w_i*(scale*l_i + m - x_i)^2 in C order, given e = scale*l (overwritten)."""
-    e += m
-    e -= x
-    e *= e
-    e *= w
-    return _seqsum(e)
+_scripted(_qkx_search)  # compiled at import (~30 ms): TorchScript reads the source file, best while it is fresh
 
 
 def make_qx_quants(x, w, nmax: int, buf: Scratch, sub: int = 1024):
