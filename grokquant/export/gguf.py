@@ -142,7 +142,7 @@ def tensor_chunks(ckpt: Checkpoint, t: PlannedTensor, imatrix: dict[str, torch.T
     """Quantized bytes of one planned tensor, an expert / a chunk of rows at a time."""
     imp = imatrix.get(t.name) if imatrix else None
     for i, source in enumerate(t.sources):
-        x = ckpt.tensor(source).float()
+        x = ckpt.tensor(source)  # kept in bf16; each chunk is widened to float32 as it is quantized
         if x.dim() == 1:
             x = x[None]
         qw = None
