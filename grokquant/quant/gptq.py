@@ -1,0 +1,152 @@
+"""Integer weight quantization: round-to-nearest and GPTQ, batched over a stack of matrices.
+
+Every function takes W [B, out, in] (B = the 8 experts of one projection, or 1) and, for GPTQ, the
+Hessians H [B, in, in] = Σxxᵀ of each matrix's own inputs. One batched Cholesky per projection;
+the column loop runs once for the whole batch. Quantization groups run along the input dimension;
+codes are unsigned q in [0, 2^bits - 1] with W ≈ scale · (q - zero), as in the GPTQ format
+(spec quant.md §11-12).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class IntQuantConfig:
+    bits: int = 4
+    group_size: int = 128  # -1: one group per row
+    sym: bool = True
+    act_order: bool = False  # process columns by decreasing Hessian diagonal
+    static_groups: bool = False  # with act_order: group parameters fixed before the column loop
+    damp: float = 0.01  # fraction of the mean Hessian diagonal added to the diagonal
+    block_size: int = 128  # columns per lazy batch update
+
+    @property
+    def maxq(self) -> int:
+        return 2 ** self.bits - 1
+
+
+@dataclass
+class IntQuantized:
+    codes: torch.Tensor  # [B, out, in] uint8
+    scales: torch.Tensor  # [B, n_groups, out] float32
+    zeros: torch.Tensor  # [B, n_groups, out] float32 (integer values)
+    g_idx: torch.Tensor  # [B, in] int32: group of each input column
+
+    def dequantize(self) -> torch.Tensor:
+        g = self.g_idx.long()[:, None, :].expand(-1, self.codes.shape[1], -1)  # [B, out, in]
+        scale = torch.gather(self.scales.transpose(1, 2), 2, g)
+        zero = torch.gather(self.zeros.transpose(1, 2), 2, g)
+        return scale * (self.codes.float() - zero)
+
+
+def group_params(w: torch.Tensor, cfg: IntQuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero) of each row of w [..., rows, cols] over its columns."""
+    xmin = w.amin(-1).clamp(max=0)
+    xmax = w.amax(-1).clamp(min=0)
+    if cfg.sym:
+        xmax = torch.maximum(xmin.abs(), xmax)
+        xmin = -xmax
+    empty = (xmin == 0) & (xmax == 0)
+    xmin = torch.where(empty, -torch.ones_like(xmin), xmin)
+    xmax = torch.where(empty, torch.ones_like(xmax), xmax)
+    scale = (xmax - xmin) / cfg.maxq
+    zero = torch.full_like(scale, (cfg.maxq + 1) / 2) if cfg.sym else torch.round(-xmin / scale)
+    return scale, zero
+
+
+def quantize_codes(w, scale, zero, maxq: int) -> torch.Tensor:
+    return torch.clamp(torch.round(w / scale) + zero, 0, maxq)
+
+
+def rtn(W: torch.Tensor, cfg: IntQuantConfig) -> IntQuantized:
+    """Round-to-nearest with the same grid as GPTQ (the baseline)."""
+    B, rows, cols = W.shape
+    gs = cols if cfg.group_size == -1 else cfg.group_size
+    n_groups = -(-cols // gs)
+    W = W.float()
+    pad = n_groups * gs - cols
+    Wg = torch.nn.functional.pad(W, (0, pad)).view(B, rows, n_groups, gs)
+    valid = torch.arange(n_groups * gs, device=W.device).view(n_groups, gs) < cols
+    scale, zero = group_params(torch.where(valid, Wg, 0.0), cfg)  # [B, rows, n_groups]
+    codes = quantize_codes(Wg, scale[..., None], zero[..., None], cfg.maxq).view(B, rows, -1)[..., :cols]
+    g_idx = (torch.arange(cols, device=W.device) // gs).to(torch.int32).expand(B, -1).contiguous()
+    return IntQuantized(codes.to(torch.uint8), scale.transpose(1, 2).contiguous(), zero.transpose(1, 2).contiguous(),
+                        g_idx)
+
+
+@torch.no_grad()
+def gptq(W: torch.Tensor, H: torch.Tensor, cfg: IntQuantConfig) -> IntQuantized:
+    """GPTQ (Frantar et al. 2022) for a stack of matrices with their own Hessians."""
+    B, rows, cols = W.shape
+    W = W.float().clone()
+    H = H.float().clone()
+    gs = cols if cfg.group_size == -1 else cfg.group_size
+    n_groups = -(-cols // gs)
+    idx = torch.arange(cols, device=W.device)
+
+    # columns no token ever touched: weight irrelevant to the output, keep H invertible
+    dead = torch.diagonal(H, dim1=1, dim2=2) == 0
+    H.diagonal(dim1=1, dim2=2)[dead] = 1
+    W.masked_fill_(dead[:, None, :], 0)
+
+    if cfg.static_groups:  # parameters from the original weights, by original column
+        st = rtn(W, cfg)
+    if cfg.act_order:
+        perm = torch.argsort(torch.diagonal(H, dim1=1, dim2=2), dim=1, descending=True)
+        W = torch.gather(W, 2, perm[:, None, :].expand(-1, rows, -1))
+        H = torch.gather(torch.gather(H, 1, perm[:, :, None].expand(-1, -1, cols)), 2, perm[:, None, :].expand(-1, cols, -1))
+    else:
+        perm = idx.expand(B, -1)
+
+    damp = cfg.damp * torch.diagonal(H, dim1=1, dim2=2).mean(-1)
+    H.diagonal(dim1=1, dim2=2).add_(damp[:, None])
+    L = torch.linalg.cholesky(H)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)  # upper Cholesky of H^-1
+
+    codes = torch.zeros(B, rows, cols, device=W.device)
+    if cfg.static_groups:
+        scales, zeros = st.scales, st.zeros
+    else:
+        scales = torch.zeros(B, n_groups, rows, device=W.device)
+        zeros = torch.zeros(B, n_groups, rows, device=W.device)
+    batch = torch.arange(B, device=W.device)
+    orig_group = perm // gs  # group of each processed column when groups follow the original order
+    for i1 in range(0, cols, cfg.block_size):
+        i2 = min(i1 + cfg.block_size, cols)
+        W1 = W[:, :, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[:, i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if cfg.static_groups:
+                g = orig_group[:, col]
+                scale, zero = scales[batch, g], zeros[batch, g]
+            elif col % gs == 0:  # a new group: parameters from the error-compensated columns ahead
+                ahead = torch.cat([W1[:, :, i:], W[:, :, i2:]], dim=2)[:, :, :gs]
+                scale, zero = group_params(ahead, cfg)
+                scales[:, col // gs], zeros[:, col // gs] = scale, zero
+            w = W1[:, :, i]
+            q = quantize_codes(w, scale, zero, cfg.maxq)
+            codes[:, :, col] = q
+            err = (w - scale * (q - zero)) / Hinv1[:, i, i][:, None]
+            W1[:, :, i:] -= err[:, :, None] * Hinv1[:, i, i:][:, None, :]
+            Err1[:, :, i] = err
+        W[:, :, i2:] -= Err1 @ Hinv[:, i1:i2, i2:]
+
+    if cfg.act_order:
+        inv = torch.argsort(perm, dim=1)
+        codes = torch.gather(codes, 2, inv[:, None, :].expand(-1, rows, -1))
+        g_idx = torch.gather(orig_group if cfg.static_groups else (idx // gs).expand(B, -1), 1, inv)
+    else:
+        g_idx = (idx // gs).expand(B, -1)
+    return IntQuantized(codes.to(torch.uint8), scales, zeros, g_idx.to(torch.int32).contiguous())
+
+
+def output_error(W: torch.Tensor, Wq: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """Relative ‖WX − ŴX‖ / ‖WX‖ per matrix; X [B, n, in] inputs (rows are samples)."""
+    ref = X @ W.float().transpose(1, 2)
+    return (X @ Wq.float().transpose(1, 2) - ref).flatten(1).norm(dim=1) / ref.flatten(1).norm(dim=1)
