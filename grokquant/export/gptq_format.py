@@ -1,0 +1,43 @@
+"""GPTQ checkpoint tensors in the auto-gptq "v1" layout (spec quant.md §12).
+
+Per quantized linear `<prefix>`: `qweight` int32 [in·bits/32, out] (codes packed along the input
+dimension, LSB first), `qzeros` int32 [n_groups, out·bits/32] (zero − 1, packed along the output
+dimension: the v1 convention), `scales` fp16 [n_groups, out], `g_idx` int32 [in].
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..quant.gptq import IntQuantized
+
+PACKABLE_BITS = (2, 4, 8)
+
+
+def pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack unsigned ints [n, m] along dim 0 into int32 [n·bits/32, m]: value k of a word at bits·k."""
+    per = 32 // bits
+    n, m = values.shape
+    if n % per:
+        raise ValueError(f"{n} values do not pack into 32-bit words of {per}")
+    v = values.to(torch.int64).view(n // per, per, m)
+    shifts = (torch.arange(per, dtype=torch.int64) * bits).view(1, per, 1)
+    words = (v << shifts).sum(1)  # disjoint bit fields: the sum is the bitwise or
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # same bits, signed
+
+
+def packable(out_features: int, in_features: int, bits: int) -> bool:
+    per = 32 // bits
+    return bits in PACKABLE_BITS and in_features % per == 0 and out_features % per == 0
+
+
+def gptq_tensors(q: IntQuantized, index: int, bits: int) -> dict[str, torch.Tensor]:
+    """The four tensors of matrix `index` of a batched result."""
+    codes = q.codes[index]  # [out, in]
+    zeros = q.zeros[index].round().to(torch.int64) - 1  # v1: stored zero = zero - 1
+    return {
+        "qweight": pack_rows(codes.t().contiguous(), bits),
+        "qzeros": pack_rows((zeros & (2**bits - 1)).t().contiguous(), bits).t().contiguous(),
+        "scales": q.scales[index].to(torch.float16).contiguous(),
+        "g_idx": q.g_idx[index].to(torch.int32).contiguous(),
+    }
