@@ -108,6 +108,8 @@ def convert(checkpoint, output, ftype, recipe, rope, imatrix, split_max_size, na
     if bool(ftype) == bool(recipe):
         raise GrokquantError("give exactly one of --type and --recipe")
     rec = load_recipe(recipe) if recipe else GGUFRecipe(name=ftype.lower(), ftype=ftype.lower())
+    if not isinstance(rec, GGUFRecipe):
+        raise GrokquantError(f"recipe {rec.name} is a {rec.format} recipe: use `grokquant quantize`")
     imat = load_imatrix(imatrix) if imatrix else None
     from .checkpoint import Checkpoint
 
@@ -207,6 +209,38 @@ def _write_atomically(path, write) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(file_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Output directory.")
+@click.option("--recipe", default="gptq-w4g128", show_default=True, help="A gptq recipe name or YAML path.")
+@click.option("--data", default="builtin", show_default=True, help="Calibration text (see `calibrate`).")
+@click.option("--tokens", "n_tokens", default=8192, show_default=True)
+@click.option("--seq-len", default=512, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--chat", is_flag=True)
+@click.option("--force", is_flag=True, help="Overwrite an existing output directory.")
+def quantize(checkpoint, output, recipe, data, n_tokens, seq_len, seed, chat, force):
+    """Calibrated GPTQ / round-to-nearest artifact (auto-gptq format); resumes after an interruption."""
+    from tqdm import tqdm
+
+    from .calib_data import calibration_tokens
+    from .checkpoint import Checkpoint
+    from .quantize import quantize as run_quantize
+    from .recipe import GPTQRecipe, load_recipe
+    from .tokenizer import load_tokenizer
+
+    rec = load_recipe(recipe)
+    if not isinstance(rec, GPTQRecipe):
+        raise GrokquantError(f"recipe {rec.name} is a GGUF recipe: use `grokquant convert`")
+    with Checkpoint.open(checkpoint) as ckpt:
+        tokens = calibration_tokens(load_tokenizer(ckpt.tokenizer_path), data, n_tokens, seq_len, seed, chat)
+        n_layers = ckpt.config.num_hidden_layers
+    with tqdm(total=n_layers, unit="layer", desc=f"quantize {rec.name}", file=sys.stderr) as bar:
+        out = run_quantize(checkpoint, output, rec, tokens, force=force, on_layer=lambda l: bar.update(1))
+    size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    click.echo(f"wrote {out}: {size / 1e9:.3f} GB ({rec.method}, recipe {rec.name}, {tokens.numel()} calibration tokens)")
 
 
 @main.command()

@@ -21,6 +21,7 @@ import yaml
 
 from .errors import GrokquantError
 from .quant.ggml_types import TYPES
+from .quant.gptq import IntQuantConfig
 from .quant.mixes import FTYPES
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
@@ -63,8 +64,50 @@ class GGUFRecipe:
         return None
 
 
-def load_recipe(spec: str | Path) -> GGUFRecipe:
-    """A recipe from a YAML path, or by name from `recipes/` (e.g. "q4_k_m")."""
+@dataclass
+class GPTQRecipe:
+    """Integer weight-only quantization per tensor class (None keeps the class in bf16).
+
+        name: gptq-w4g128
+        format: gptq
+        method: gptq            # or rtn
+        experts: {bits: 4, group_size: 128, sym: true, act_order: false}
+        attention: {bits: 8, group_size: -1}
+        dense_mlp: {bits: 4, group_size: 128}
+        min_tokens: 16          # experts seeing fewer calibration tokens use round-to-nearest
+    """
+
+    name: str = "gptq-w4g128"
+    method: str = "gptq"
+    experts: IntQuantConfig | None = field(default_factory=IntQuantConfig)
+    attention: IntQuantConfig | None = field(default_factory=IntQuantConfig)
+    dense_mlp: IntQuantConfig | None = field(default_factory=IntQuantConfig)
+    min_tokens: int = 16
+    format: str = "gptq"
+
+    def __post_init__(self):
+        if self.method not in ("gptq", "rtn"):
+            raise GrokquantError(f"recipe {self.name}: method must be gptq or rtn, got {self.method!r}")
+        for cls in ("experts", "attention", "dense_mlp"):
+            c = getattr(self, cls)
+            if c is not None and c.bits not in (2, 4, 8):
+                raise GrokquantError(f"recipe {self.name}: {cls} bits must be 2, 4 or 8 (the GPTQ packing)")
+
+    def config_for(self, tensor_class: str) -> IntQuantConfig | None:
+        return getattr(self, tensor_class)
+
+
+def _int_config(path: Path, cls: str, raw) -> IntQuantConfig | None:
+    if raw is None:
+        return None
+    known = set(IntQuantConfig.__dataclass_fields__)
+    if not isinstance(raw, dict) or set(raw) - known:
+        raise GrokquantError(f"{path}: {cls} takes {', '.join(sorted(known))}")
+    return IntQuantConfig(**raw)
+
+
+def load_recipe(spec: str | Path) -> "GGUFRecipe | GPTQRecipe":
+    """A recipe from a YAML path, or by name from `recipes/` (e.g. "q4_k_m", "gptq-w4g128")."""
     path = Path(spec)
     if not path.exists():
         path = RECIPES_DIR / f"{spec}.yaml"
@@ -77,8 +120,16 @@ def load_recipe(spec: str | Path) -> GGUFRecipe:
     if not isinstance(raw, dict):
         raise GrokquantError(f"{path}: a recipe is a YAML mapping")
     fmt = raw.get("format", "gguf")
+    if fmt == "gptq":
+        unknown = set(raw) - {"name", "format", "method", "experts", "attention", "dense_mlp", "min_tokens",
+                              "description"}
+        if unknown:
+            raise GrokquantError(f"{path}: unknown recipe key(s) {', '.join(sorted(unknown))}")
+        return GPTQRecipe(name=raw.get("name", path.stem), method=raw.get("method", "gptq"),
+                          **{c: _int_config(path, c, raw.get(c)) for c in ("experts", "attention", "dense_mlp")},
+                          min_tokens=int(raw.get("min_tokens", 16)))
     if fmt != "gguf":
-        raise GrokquantError(f"{path}: format {fmt!r} is not a GGUF recipe")
+        raise GrokquantError(f"{path}: unknown format {fmt!r} (gguf or gptq)")
     unknown = set(raw) - {"name", "format", "ftype", "overrides", "pure", "description"}
     if unknown:
         raise GrokquantError(f"{path}: unknown recipe key(s) {', '.join(sorted(unknown))}")

@@ -72,3 +72,15 @@ def test_calibrate_writes_stats_and_imatrix(tiny_tp8, tmp_path):
     assert invoke(*args).exit_code == 2  # refuses to overwrite
     res = invoke("convert", tiny_tp8, "-o", tmp_path / "x.gguf", "--type", "q4_k_m", "--imatrix", im)
     assert res.exit_code == 0, res.output
+
+
+def test_quantize_cli_with_mixed_bits(tiny_tp8, tmp_path):
+    out = tmp_path / "gq"
+    res = invoke("quantize", tiny_tp8, "-o", out, "--recipe", "gptq-w4g128-experts-w8-attn", "--tokens", 512,
+                 "--seq-len", 64)
+    assert res.exit_code == 0, res.output
+    qc = json.loads((out / "quantize_config.json").read_text())
+    assert qc["bits"] == 4 and qc["dynamic"]["+:.*\\.self_attn\\..*"]["bits"] == 8
+    assert invoke("quantize", tiny_tp8, "-o", out, "--tokens", 512, "--seq-len", 64).exit_code == 2
+    res = invoke("convert", tiny_tp8, "-o", tmp_path / "x.gguf", "--recipe", "gptq-w4g128")
+    assert res.exit_code == 2 and "grokquant quantize" in res.output

@@ -1,0 +1,78 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from grokquant.calib_data import calibration_tokens
+from grokquant.checkpoint import Checkpoint
+from grokquant.errors import GrokquantError
+from grokquant.quantize import GPTQRecipe, quantize
+from grokquant.tokenizer import load_tokenizer
+from test_gptq_format import unpack_v1
+
+
+@pytest.fixture(scope="module")
+def tokens(tiny_tp8):
+    return calibration_tokens(load_tokenizer(tiny_tp8 / "tokenizer.tok.json"), "builtin", 1024, 64, seed=1)
+
+
+@pytest.fixture(scope="module")
+def artifact(tiny_tp8, tokens, tmp_path_factory):
+    return quantize(tiny_tp8, tmp_path_factory.mktemp("q") / "gptq", GPTQRecipe(), tokens)
+
+
+def read_all(path):
+    out = {}
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as sf:
+            out.update({k: sf.get_tensor(k) for k in sf.keys()})
+    return out
+
+
+def test_artifact_layout_and_unpacking(artifact, tiny_tp8):
+    tensors = read_all(artifact)
+    cfg = json.loads((artifact / "config.json").read_text())
+    assert cfg["quantization_config"]["quant_method"] == "gptq" and cfg["quantization_config"]["bits"] == 4
+    assert (artifact / "quantize_config.json").exists() and (artifact / "tokenizer.tok.json").exists()
+    index = json.loads((artifact / "model.safetensors.index.json").read_text())["weight_map"]
+    assert set(index) == set(tensors)
+    prefix = "model.layers.1.block_sparse_moe.experts.6.w2"
+    assert {f"{prefix}.{k}" for k in ("qweight", "qzeros", "scales", "g_idx")} <= set(tensors)
+    assert "model.layers.0.block_sparse_moe.gate.weight" in tensors  # the router stays unquantized
+    assert tensors["model.layers.0.block_sparse_moe.gate.weight"].dtype == torch.bfloat16
+    ckpt = Checkpoint.open(tiny_tp8)
+    for base in (prefix, "model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+        W = ckpt.tensor(base + ".weight").float().numpy()
+        parts = {k: tensors[f"{base}.{k}"] for k in ("qweight", "qzeros", "scales", "g_idx")}
+        Wq = unpack_v1(parts, 4, W.shape[1])
+        # GPTQ trades weight error for output error; int4 round-to-nearest alone is ~0.1 here
+        assert np.linalg.norm(Wq - W) / np.linalg.norm(W) < 0.25
+
+
+def test_interrupted_run_resumes_to_identical_bytes(artifact, tiny_tp8, tokens, tmp_path):
+    out = tmp_path / "resumed"
+
+    def stop_after_first(layer):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        quantize(tiny_tp8, out, GPTQRecipe(), tokens, on_layer=stop_after_first)
+    assert not out.exists() and (tmp_path / ".resumed.partial" / "progress.json").exists()
+    done = []
+    quantize(tiny_tp8, out, GPTQRecipe(), tokens, on_layer=done.append)
+    assert done == [1]  # layer 0 was not redone
+    for f in sorted(p.name for p in artifact.iterdir()):
+        assert (out / f).read_bytes() == (artifact / f).read_bytes(), f
+    with pytest.raises(GrokquantError, match="exists"):
+        quantize(tiny_tp8, out, GPTQRecipe(), tokens)
+
+
+def test_changed_options_restart_from_scratch(tiny_tp8, tokens, tmp_path):
+    out = tmp_path / "x"
+    with pytest.raises(KeyboardInterrupt):
+        quantize(tiny_tp8, out, GPTQRecipe(), tokens, on_layer=lambda l: (_ for _ in ()).throw(KeyboardInterrupt))
+    done = []
+    quantize(tiny_tp8, out, GPTQRecipe(method="rtn"), tokens, on_layer=done.append)
+    assert done == [0, 1]
