@@ -240,6 +240,9 @@ def quantize(checkpoint, output, recipe, data, n_tokens, seq_len, seed, chat, fo
     with tqdm(total=n_layers, unit="layer", desc=f"quantize {rec.name}", file=sys.stderr) as bar:
         out = run_quantize(checkpoint, output, rec, tokens, force=force, on_layer=lambda l: bar.update(1))
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    click.echo(f"{'class':<12}{'bits':>5}{'calib. error vs RTN':>21}{'fewest tokens':>15}")
+    for row in json.loads((out / "quantize_report.json").read_text()):
+        click.echo(f"{row['class']:<12}{row['bits']:>5}{-100 * row['reduction_vs_rtn']:>20.1f}%{row['min_tokens']:>15}")
     click.echo(f"wrote {out}: {size / 1e9:.3f} GB ({rec.method}, recipe {rec.name}, {tokens.numel()} calibration tokens)")
 
 

@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -65,29 +65,42 @@ def _quantize_stack(W: torch.Tensor, H: torch.Tensor, cfg: IntQuantConfig, metho
     return q
 
 
-def quantize_layer(ckpt: Checkpoint, layer: int, stats: LayerStats, recipe: GPTQRecipe) -> dict[str, torch.Tensor]:
-    """Every tensor of one decoder layer as stored in the artifact."""
+@dataclass
+class LayerResult:
+    tensors: dict[str, torch.Tensor]  # as stored in the artifact
+    dequantized: dict[str, torch.Tensor]  # release name -> the weights the artifact represents
+    report: list[dict]  # per quantized stack: class, bits, output error of GPTQ and of RTN, min tokens
+
+
+def _output_error(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor) -> float:
+    """Σ_b ‖(W_b − Ŵ_b) X_b‖² = tr(D H Dᵀ) from the calibration Hessians."""
+    D = Wq - W
+    return float(torch.einsum("boi,bij,boj->", D, H, D))
+
+
+def quantize_layer(ckpt: Checkpoint, layer: int, stats: LayerStats, recipe: GPTQRecipe) -> LayerResult:
+    """Quantize every linear of one decoder layer (experts of a projection in one batch)."""
     cfg = ckpt.config
     prefix = f"model.layers.{layer}."
-    out: dict[str, torch.Tensor] = {}
-    quantized = set()
+    res = LayerResult({}, {}, [])
 
-    def emit(names: list[str], q: IntQuantized | None, bits: int):
+    def emit(cls: str, names: list[str], W, H, qc: IntQuantConfig, fallback: list[bool], tokens: int):
+        q = _quantize_stack(W, H, qc, recipe.method, fallback)
+        Wq = q.dequantize()
+        res.report.append({"class": cls, "bits": qc.bits, "error": _output_error(W, Wq, H),
+                           "rtn_error": _output_error(W, rtn(W, qc).dequantize(), H), "min_tokens": tokens})
         for b, name in enumerate(names):
-            if q is None:
-                continue
             base = name[: -len(".weight")]
-            for k, v in gptq_tensors(q, b, bits).items():
-                out[f"{base}.{k}"] = v
-            quantized.add(name)
+            for k, v in gptq_tensors(q, b, qc.bits).items():
+                res.tensors[f"{base}.{k}"] = v
+            res.dequantized[name] = Wq[b]
 
     for linear, (group, cls) in DENSE_LINEARS.items():
         qc = recipe.config_for(cls)
         name = prefix + linear + ".weight"
         W = ckpt.tensor(name).float()[None]
-        if qc is None or not packable(W.shape[1], W.shape[2], qc.bits):
-            continue
-        emit([name], _quantize_stack(W, stats.hessian[group][None], qc, recipe.method, [False]), qc.bits)
+        if qc is not None and packable(W.shape[1], W.shape[2], qc.bits):
+            emit(cls, [name], W, stats.hessian[group][None], qc, [False], stats.count[group])
     qc = recipe.experts
     for proj in ("w1", "w3", "w2"):
         names = [expert_name(layer, e, proj) for e in range(cfg.num_local_experts)]
@@ -95,13 +108,27 @@ def quantize_layer(ckpt: Checkpoint, layer: int, stats: LayerStats, recipe: GPTQ
         if qc is None or not packable(W.shape[1], W.shape[2], qc.bits):
             continue
         groups = [f"expert{e}_{EXPERT_GROUP[proj]}" for e in range(cfg.num_local_experts)]
-        fallback = [stats.count.get(g, 0) < recipe.min_tokens for g in groups]
+        counts = [stats.count.get(g, 0) for g in groups]
         H = torch.stack([stats.hessian.get(g, torch.zeros(W.shape[2], W.shape[2])) for g in groups])
-        emit(names, _quantize_stack(W, H, qc, recipe.method, fallback), qc.bits)
+        emit("experts", names, W, H, qc, [c < recipe.min_tokens for c in counts], min(counts))
     for name in cfg.layer_shapes(layer):
-        if name not in quantized:
-            out[name] = ckpt.tensor(name)  # norms, router and anything not packable stay bf16
-    return out
+        if name not in res.dequantized:
+            res.tensors[name] = ckpt.tensor(name)  # norms, router and anything not packable stay bf16
+    return res
+
+
+def summarize(reports: list[dict]) -> list[dict]:
+    """Per tensor class: bits, output-error reduction of GPTQ versus round-to-nearest, fewest tokens."""
+    out = {}
+    for r in reports:
+        s = out.setdefault(r["class"], {"class": r["class"], "bits": r["bits"], "error": 0.0, "rtn_error": 0.0,
+                                        "min_tokens": r["min_tokens"]})
+        s["error"] += r["error"]
+        s["rtn_error"] += r["rtn_error"]
+        s["min_tokens"] = min(s["min_tokens"], r["min_tokens"])
+    for s in out.values():
+        s["reduction_vs_rtn"] = 1 - s["error"] / s["rtn_error"] if s["rtn_error"] else 0.0
+    return list(out.values())
 
 
 @torch.no_grad()
@@ -138,20 +165,27 @@ def quantize(checkpoint: str | Path, out: str | Path, recipe: GPTQRecipe, tokens
         stats = LayerStats(layer)
         collector = _Collector(model.model.layers[layer], stats, hessians=True)
         try:
-            hidden = [model.run_layer(layer, h, positions, None, rope) for h in hidden]
+            outputs = [model.run_layer(layer, h, positions, None, rope) for h in hidden]
         finally:
             collector.remove()
+        result = quantize_layer(ckpt, layer, stats, recipe)
+        if recipe.sequential:  # the next layer sees what the quantized layer computes
+            model.load_layer(layer, lambda n: result.dequantized.get(n, ckpt.tensor(n)))
+            outputs = [model.run_layer(layer, h, positions, None, rope) for h in hidden]
+        hidden = outputs
         model.unload_layer(layer)
-        save_file(quantize_layer(ckpt, layer, stats, recipe), str(work / files[layer]), metadata={"format": "pt"})
+        save_file(result.tensors, str(work / files[layer]), metadata={"format": "pt"})
         torch.save(hidden, work / "hidden.tmp")
         os.replace(work / "hidden.tmp", work / "hidden.pt")
         state["done"] = layer + 1
+        state["report"] = state.get("report", []) + result.report
         state_file.write_text(json.dumps(state))
         if on_layer:
             on_layer(layer)
 
     save_file({n: ckpt.tensor(n) for n in cfg.global_shapes()}, str(work / files[n_layers]), metadata={"format": "pt"})
     _write_metadata(work, ckpt, recipe, files)
+    (work / "quantize_report.json").write_text(json.dumps(summarize(state.get("report", [])), indent=2))
     (work / "hidden.pt").unlink(missing_ok=True)
     state_file.unlink()
     if out.exists():

@@ -75,6 +75,7 @@ class GPTQRecipe:
         attention: {bits: 8, group_size: -1}
         dense_mlp: {bits: 4, group_size: 128}
         min_tokens: 16          # experts seeing fewer calibration tokens use round-to-nearest
+        sequential: false       # true: layer l+1 calibrates on the quantized layer l's outputs
     """
 
     name: str = "gptq-w4g128"
@@ -83,6 +84,7 @@ class GPTQRecipe:
     attention: IntQuantConfig | None = field(default_factory=IntQuantConfig)
     dense_mlp: IntQuantConfig | None = field(default_factory=IntQuantConfig)
     min_tokens: int = 16
+    sequential: bool = False  # inputs of layer l+1 from the quantized layer l (GPTQ's intent), else unquantized
     format: str = "gptq"
 
     def __post_init__(self):
@@ -122,12 +124,12 @@ def load_recipe(spec: str | Path) -> "GGUFRecipe | GPTQRecipe":
     fmt = raw.get("format", "gguf")
     if fmt == "gptq":
         unknown = set(raw) - {"name", "format", "method", "experts", "attention", "dense_mlp", "min_tokens",
-                              "description"}
+                              "sequential", "description"}
         if unknown:
             raise GrokquantError(f"{path}: unknown recipe key(s) {', '.join(sorted(unknown))}")
         return GPTQRecipe(name=raw.get("name", path.stem), method=raw.get("method", "gptq"),
                           **{c: _int_config(path, c, raw.get(c)) for c in ("experts", "attention", "dense_mlp")},
-                          min_tokens=int(raw.get("min_tokens", 16)))
+                          min_tokens=int(raw.get("min_tokens", 16)), sequential=bool(raw.get("sequential", False)))
     if fmt != "gguf":
         raise GrokquantError(f"{path}: unknown format {fmt!r} (gguf or gptq)")
     unknown = set(raw) - {"name", "format", "ftype", "overrides", "pure", "description"}

@@ -76,3 +76,14 @@ def test_changed_options_restart_from_scratch(tiny_tp8, tokens, tmp_path):
     done = []
     quantize(tiny_tp8, out, GPTQRecipe(method="rtn"), tokens, on_layer=done.append)
     assert done == [0, 1]
+
+
+def test_report_and_sequential_mode(artifact, tiny_tp8, tokens, tmp_path):
+    report = {r["class"]: r for r in json.loads((artifact / "quantize_report.json").read_text())}
+    assert set(report) == {"attention", "dense_mlp", "experts"}
+    for r in report.values():
+        assert r["bits"] == 4 and r["error"] < r["rtn_error"]  # GPTQ below round-to-nearest on calibration data
+    seq = quantize(tiny_tp8, tmp_path / "seq", GPTQRecipe(sequential=True), tokens)
+    same = (seq / "model-00001-of-00003.safetensors").read_bytes() == (artifact / "model-00001-of-00003.safetensors").read_bytes()
+    differs = (seq / "model-00002-of-00003.safetensors").read_bytes() != (artifact / "model-00002-of-00003.safetensors").read_bytes()
+    assert same and differs  # layer 0 sees the same inputs; layer 1 sees the quantized layer 0's outputs
