@@ -109,12 +109,35 @@ def quantize_layer(ckpt: Checkpoint, layer: int, stats: LayerStats, recipe: GPTQ
             continue
         groups = [f"expert{e}_{EXPERT_GROUP[proj]}" for e in range(cfg.num_local_experts)]
         counts = [stats.count.get(g, 0) for g in groups]
-        H = torch.stack([stats.hessian.get(g, torch.zeros(W.shape[2], W.shape[2])) for g in groups])
-        emit("experts", names, W, H, qc, [c < recipe.min_tokens for c in counts], min(counts))
+        H, fallback = [], []
+        for g, c in zip(groups, counts):
+            own = stats.hessian.get(g, torch.zeros(W.shape[2], W.shape[2]))
+            covered = c >= recipe.min_tokens
+            if covered or recipe.under_covered == "rtn":
+                H.append(own)
+            elif recipe.under_covered == "all-tokens":
+                H.append(stats.hessian[g + "_all"])
+            else:  # prior: the expert's own tokens plus min_tokens tokens' worth of the all-token average
+                H.append(own + stats.hessian[g + "_all"] * (recipe.min_tokens / stats.count["mlp_gate_up"]))
+            fallback.append(not covered and recipe.under_covered == "rtn")
+        emit("experts", names, W, torch.stack(H), qc, fallback, min(counts))
     for name in cfg.layer_shapes(layer):
         if name not in res.dequantized:
             res.tensors[name] = ckpt.tensor(name)  # norms, router and anything not packable stay bf16
     return res
+
+
+def _all_token_hessians(layer_module, stats: LayerStats, recipe: GPTQRecipe, gelu_flavour: str,
+                        m: torch.Tensor) -> None:
+    """Hessians of under-covered experts as if every calibration token m [N, H] were routed to them."""
+    from .model import gelu
+
+    for e, expert in enumerate(layer_module.block_sparse_moe.experts):
+        if stats.count.get(f"expert{e}_w13", 0) >= recipe.min_tokens:
+            continue
+        stats.hessian[f"expert{e}_w13_all"] = stats.hessian["mlp_gate_up"]  # the same input m, all tokens
+        a = gelu(expert.w1(m), gelu_flavour) * expert.w3(m)
+        stats.hessian[f"expert{e}_w2_all"] = a.T @ a
 
 
 def summarize(reports: list[dict]) -> list[dict]:
@@ -164,10 +187,18 @@ def quantize(checkpoint: str | Path, out: str | Path, recipe: GPTQRecipe, tokens
         model.load_layer(layer, ckpt.tensor)
         stats = LayerStats(layer)
         collector = _Collector(model.model.layers[layer], stats, hessians=True)
+        moe_inputs: list[torch.Tensor] = []  # the experts' input for every token, when some may need it
+        keep = model.model.layers[layer].mlp.gate_proj.register_forward_pre_hook(
+            lambda m, args: moe_inputs.append(args[0].reshape(-1, args[0].shape[-1]))) \
+            if recipe.under_covered != "rtn" else None
         try:
             outputs = [model.run_layer(layer, h, positions, None, rope) for h in hidden]
         finally:
             collector.remove()
+            if keep is not None:
+                keep.remove()
+        if recipe.under_covered != "rtn":
+            _all_token_hessians(model.model.layers[layer], stats, recipe, model.sem.gelu, torch.cat(moe_inputs))
         result = quantize_layer(ckpt, layer, stats, recipe)
         if recipe.sequential:  # the next layer sees what the quantized layer computes
             model.load_layer(layer, lambda n: result.dequantized.get(n, ckpt.tensor(n)))

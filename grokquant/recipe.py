@@ -74,7 +74,8 @@ class GPTQRecipe:
         experts: {bits: 4, group_size: 128, sym: true, act_order: false}
         attention: {bits: 8, group_size: -1}
         dense_mlp: {bits: 4, group_size: 128}
-        min_tokens: 16          # experts seeing fewer calibration tokens use round-to-nearest
+        min_tokens: 16          # experts seeing fewer calibration tokens are "under-covered"
+        under_covered: rtn      # rtn | all-tokens | prior: how under-covered experts are quantized
         sequential: false       # true: layer l+1 calibrates on the quantized layer l's outputs
     """
 
@@ -84,10 +85,13 @@ class GPTQRecipe:
     attention: IntQuantConfig | None = field(default_factory=IntQuantConfig)
     dense_mlp: IntQuantConfig | None = field(default_factory=IntQuantConfig)
     min_tokens: int = 16
+    under_covered: str = "rtn"  # rtn | all-tokens | prior (see docs/calibration.md)
     sequential: bool = False  # inputs of layer l+1 from the quantized layer l (GPTQ's intent), else unquantized
     format: str = "gptq"
 
     def __post_init__(self):
+        if self.under_covered not in ("rtn", "all-tokens", "prior"):
+            raise GrokquantError(f"recipe {self.name}: under_covered must be rtn, all-tokens or prior")
         if self.method not in ("gptq", "rtn"):
             raise GrokquantError(f"recipe {self.name}: method must be gptq or rtn, got {self.method!r}")
         for cls in ("experts", "attention", "dense_mlp"):
@@ -124,12 +128,13 @@ def load_recipe(spec: str | Path) -> "GGUFRecipe | GPTQRecipe":
     fmt = raw.get("format", "gguf")
     if fmt == "gptq":
         unknown = set(raw) - {"name", "format", "method", "experts", "attention", "dense_mlp", "min_tokens",
-                              "sequential", "description"}
+                              "under_covered", "sequential", "description"}
         if unknown:
             raise GrokquantError(f"{path}: unknown recipe key(s) {', '.join(sorted(unknown))}")
         return GPTQRecipe(name=raw.get("name", path.stem), method=raw.get("method", "gptq"),
                           **{c: _int_config(path, c, raw.get(c)) for c in ("experts", "attention", "dense_mlp")},
-                          min_tokens=int(raw.get("min_tokens", 16)), sequential=bool(raw.get("sequential", False)))
+                          min_tokens=int(raw.get("min_tokens", 16)), sequential=bool(raw.get("sequential", False)),
+                          under_covered=str(raw.get("under_covered", "rtn")))
     if fmt != "gguf":
         raise GrokquantError(f"{path}: unknown format {fmt!r} (gguf or gptq)")
     unknown = set(raw) - {"name", "format", "ftype", "overrides", "pure", "description"}

@@ -87,3 +87,35 @@ def test_report_and_sequential_mode(artifact, tiny_tp8, tokens, tmp_path):
     same = (seq / "model-00001-of-00003.safetensors").read_bytes() == (artifact / "model-00001-of-00003.safetensors").read_bytes()
     differs = (seq / "model-00002-of-00003.safetensors").read_bytes() != (artifact / "model-00002-of-00003.safetensors").read_bytes()
     assert same and differs  # layer 0 sees the same inputs; layer 1 sees the quantized layer 0's outputs
+
+
+@pytest.mark.parametrize("policy", ["rtn", "all-tokens", "prior"])
+def test_experts_without_tokens_are_never_zeroed(tmp_path, policy):
+    """A router that never picks experts 4..7: each policy quantizes them to finite, non-zero weights."""
+    from grokquant.quant.gptq import IntQuantConfig, rtn
+    from grokquant.synth import random_slice, synth_config, write_checkpoint
+
+    cfg = synth_config("tiny", num_hidden_layers=1)
+    base = random_slice(cfg, 0)
+    scale = torch.tensor([3, 2, -2, -3, 0.5, 0, -0.5, 0.25])
+
+    def tensors(name, rank):
+        t = base(name, rank)
+        return (scale[:, None] * t[0].float()[None]).bfloat16() if name.endswith("gate.weight") else t
+
+    ckpt_path = write_checkpoint(tmp_path / "dead", cfg, tensors)
+    toks = calibration_tokens(load_tokenizer(ckpt_path / "tokenizer.tok.json"), "builtin", 512, 64)
+    out = quantize(ckpt_path, tmp_path / policy, GPTQRecipe(under_covered=policy), toks)
+    t = read_all(out)
+    report = {r["class"]: r for r in json.loads((out / "quantize_report.json").read_text())}
+    assert report["experts"]["min_tokens"] == 0
+    ckpt = Checkpoint.open(ckpt_path)
+    for e in (4, 5):
+        base_name = f"model.layers.0.block_sparse_moe.experts.{e}.w2"
+        W = ckpt.tensor(base_name + ".weight").float()
+        Wq = torch.from_numpy(unpack_v1({k: t[f"{base_name}.{k}"] for k in ("qweight", "qzeros", "scales", "g_idx")},
+                                        4, W.shape[1])).float()
+        assert torch.isfinite(Wq).all() and Wq.abs().sum() > 0
+        assert (Wq - W).norm() / W.norm() < 0.3
+        r = rtn(W[None], IntQuantConfig()).dequantize()[0]
+        assert torch.allclose(Wq, r, atol=1e-3) == (policy == "rtn")  # only the rtn policy skips GPTQ
