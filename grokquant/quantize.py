@@ -157,6 +157,7 @@ def summarize(reports: list[dict]) -> list[dict]:
 @torch.no_grad()
 def quantize(checkpoint: str | Path, out: str | Path, recipe: GPTQRecipe, tokens: torch.Tensor, force: bool = False,
              batch_size: int = 8, on_layer: Callable[[int], None] | None = None) -> Path:
+    """Write the artifact directory `out` from calibration `tokens` [n_windows, seq_len]; resumable."""
     out = Path(out)
     if out.exists() and not force:
         raise GrokquantError(f"{out} exists (use --force to overwrite)")
