@@ -182,3 +182,46 @@ def load_stats(path) -> list[LayerStats]:
             else:
                 s.hessian[group] = t
     return [by_layer[k] for k in sorted(by_layer)]
+
+
+def calibrate(checkpoint, output, tokens: torch.Tensor, imatrix_out=None, hessians: bool = False,
+              batch_size: int = 8, force: bool = False, dataset: str = "", metadata: dict | None = None,
+              on_layer: Callable[[LayerStats], None] | None = None) -> list[list[int]]:
+    """Collect statistics for every layer, write `output` (and the GGUF imatrix); returns tokens per
+    expert per layer. Each file is written under a temporary name and renamed when complete."""
+    from pathlib import Path
+
+    from .errors import GrokquantError
+    from .imatrix import save_imatrix
+
+    for p in (output, imatrix_out):
+        if p and Path(p).exists() and not force:
+            raise GrokquantError(f"{p} exists (use --force to overwrite)")
+    ckpt = Checkpoint.open(checkpoint)
+    n_experts = ckpt.config.num_local_experts
+    all_stats, sums, counts = [], {}, {}
+    for stats in collect(ckpt, tokens, hessians=hessians, batch_size=batch_size, on_layer=on_layer):
+        for name, (s, c) in imatrix_entries(stats, n_experts).items():
+            sums[name], counts[name] = s, c
+        all_stats.append(stats)
+    meta = {"checkpoint": str(checkpoint), "data": dataset, "tokens": int(tokens.numel()),
+            "seq_len": int(tokens.shape[1]), **(metadata or {})}
+    _write_atomically(output, lambda tmp: save_stats(tmp, all_stats, meta))
+    if imatrix_out:
+        _write_atomically(imatrix_out, lambda tmp: save_imatrix(tmp, sums, counts, [dataset], tokens.shape[0],
+                                                                tokens.shape[1]))
+    return [s.expert_tokens(n_experts) for s in all_stats]
+
+
+def _write_atomically(path, write) -> None:
+    """write(tmp) then rename onto `path`: no partial file under `path` on failure."""
+    import os
+    from pathlib import Path
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

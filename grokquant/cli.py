@@ -159,56 +159,26 @@ def convert(checkpoint, output, ftype, recipe, rope, imatrix, split_max_size, na
 def calibrate(checkpoint, output, data, n_tokens, seq_len, seed, chat, imatrix_out, hessians, min_tokens,
               batch_size, force):
     """Collect per-expert calibration statistics, one layer at a time."""
-    from pathlib import Path
-
     from tqdm import tqdm
 
     from .calib_data import calibration_tokens
-    from .calibrate import collect, coverage_problems, imatrix_entries, render_coverage, save_stats
+    from .calibrate import calibrate as run_calibrate, coverage_problems, render_coverage
     from .checkpoint import Checkpoint
-    from .imatrix import save_imatrix
     from .tokenizer import load_tokenizer
 
-    for p in (output, imatrix_out):
-        if p and Path(p).exists() and not force:
-            raise GrokquantError(f"{p} exists (use --force to overwrite)")
-    ckpt = Checkpoint.open(checkpoint)
-    cfg = ckpt.config
-    tokens = calibration_tokens(load_tokenizer(ckpt.tokenizer_path), data, n_tokens, seq_len, seed, chat)
-    all_stats, sums, counts = [], {}, {}
-    with tqdm(total=cfg.num_hidden_layers, unit="layer", desc="calibrate", file=sys.stderr) as bar:
-        for stats in collect(ckpt, tokens, hessians=hessians, batch_size=batch_size):
-            for name, (s, c) in imatrix_entries(stats, cfg.num_local_experts).items():
-                sums[name], counts[name] = s, c
-            all_stats.append(stats)
-            bar.update(1)
-    meta = {"checkpoint": str(checkpoint), "data": str(data), "tokens": int(tokens.numel()), "seq_len": seq_len,
-            "seed": seed, "chat": chat}
-    _write_atomically(output, lambda tmp: save_stats(tmp, all_stats, meta))
-    if imatrix_out:
-        _write_atomically(imatrix_out, lambda tmp: save_imatrix(tmp, sums, counts, [str(data)],
-                                                                tokens.shape[0], seq_len))
-    per_layer = [s.expert_tokens(cfg.num_local_experts) for s in all_stats]
+    with Checkpoint.open(checkpoint) as ckpt:
+        tokens = calibration_tokens(load_tokenizer(ckpt.tokenizer_path), data, n_tokens, seq_len, seed, chat)
+        n_layers = ckpt.config.num_hidden_layers
+    with tqdm(total=n_layers, unit="layer", desc="calibrate", file=sys.stderr) as bar:
+        per_layer = run_calibrate(checkpoint, output, tokens, imatrix_out=imatrix_out, hessians=hessians,
+                                  batch_size=batch_size, force=force, dataset=str(data),
+                                  metadata={"seed": seed, "chat": chat}, on_layer=lambda s: bar.update(1))
     click.echo(render_coverage(per_layer, min_tokens))
     low = coverage_problems(per_layer, min_tokens)
     click.echo(f"{tokens.numel()} tokens ({tokens.shape[0]} x {seq_len}); "
                f"{len(low)} expert(s) below {min_tokens} tokens" + (": " + ", ".join(
                    f"layer {l} expert {e} ({n})" for l, e, n in low[:8]) if low else ""))
     click.echo(f"wrote {output}" + (f" and {imatrix_out}" if imatrix_out else ""))
-
-
-def _write_atomically(path, write) -> None:
-    """write(tmp) then rename onto `path`; no partial file under `path` on failure."""
-    import os
-    from pathlib import Path
-
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 @main.command()
