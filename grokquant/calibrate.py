@@ -85,9 +85,7 @@ def collect(ckpt: Checkpoint, tokens: torch.Tensor, semantics: str = "sglang", h
     """
     cfg = ckpt.config
     model = Grok2ForCausalLM.empty(cfg, semantics)
-    model._assign(model, {"model.embed_tokens.weight": ckpt.tensor("model.embed_tokens.weight")}, torch.float32, "cpu")
-    hidden = [model.embed(tokens[i:i + batch_size]) for i in range(0, tokens.shape[0], batch_size)]
-    model.model.embed_tokens.to("meta")
+    hidden = model.embed_streamed(ckpt.tensor, tokens, batch_size)
     positions = torch.arange(tokens.shape[1], device=device)
     rope = tuple(t.to(device) for t in rope_cos_sin(positions, cfg, model.sem))
     for layer in range(cfg.num_hidden_layers):

@@ -56,9 +56,7 @@ def generate(path: str | Path, prompt: str, max_new_tokens: int = 32, chat: bool
 
     model = Grok2ForCausalLM.from_checkpoint(source, semantics)
     stops = tuple(i for i in (tok.eos_id, tok.separator_id) if i is not None)
-    tokens: list[int] = []
-    model.generate(tok.encode(text), max_new_tokens, stops, on_token=tokens.append)
-    yield from _stream_text(tok, iter(tokens))
+    yield from _stream_text(tok, model.generate_iter(tok.encode(text), max_new_tokens, stops))
 
 
 def _llamacpp(path: Path, text: str, max_new_tokens: int) -> Iterator[str]:

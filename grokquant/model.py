@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -328,6 +328,15 @@ class Grok2ForCausalLM(nn.Module):
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(tokens) * self.cfg.embedding_multiplier_scale
 
+    def embed_streamed(self, get: Callable[[str], torch.Tensor], tokens: torch.Tensor, batch_size: int | None = None,
+                       dtype=torch.float32) -> list[torch.Tensor]:
+        """Hidden states of `tokens` [B, T] in batches of sequences; the embedding is loaded only for this."""
+        self._assign(self, {"model.embed_tokens.weight": get("model.embed_tokens.weight")}, dtype, "cpu")
+        step = batch_size or tokens.shape[0]
+        hidden = [self.embed(tokens[i:i + step]) for i in range(0, tokens.shape[0], step)]
+        self.model.embed_tokens.to("meta")
+        return hidden
+
     def positions(self, T: int, cache: KVCache | None, device) -> torch.Tensor:
         start = cache.length if cache is not None else 0
         return torch.arange(start, start + T, device=device)
@@ -360,19 +369,25 @@ class Grok2ForCausalLM(nn.Module):
     def generate(self, prompt: list[int], max_new_tokens: int, stop_ids: tuple[int, ...] = (),
                  on_token: Callable[[int], None] | None = None) -> list[int]:
         """Greedy decoding with a KV cache; returns the new tokens (stop token excluded)."""
-        cache = KVCache(self.cfg.num_hidden_layers)
-        device = self.model.embed_tokens.weight.device
-        logits = self(torch.tensor([prompt], device=device), cache)
-        out: list[int] = []
-        for _ in range(max_new_tokens):
-            token = int(logits[0, -1].argmax())
-            if token in stop_ids:
-                break
+        out = []
+        for token in self.generate_iter(prompt, max_new_tokens, stop_ids):
             out.append(token)
             if on_token:
                 on_token(token)
-            logits = self(torch.tensor([[token]], device=device), cache)
         return out
+
+    @torch.no_grad()
+    def generate_iter(self, prompt: list[int], max_new_tokens: int, stop_ids: tuple[int, ...] = ()) -> Iterator[int]:
+        """The tokens of greedy decoding, one at a time as they are produced."""
+        cache = KVCache(self.cfg.num_hidden_layers)
+        device = self.model.embed_tokens.weight.device
+        logits = self(torch.tensor([prompt], device=device), cache)
+        for _ in range(max_new_tokens):
+            token = int(logits[0, -1].argmax())
+            if token in stop_ids:
+                return
+            yield token
+            logits = self(torch.tensor([[token]], device=device), cache)
 
 
 @torch.no_grad()
@@ -382,9 +397,7 @@ def streamed_logits(ckpt, tokens: torch.Tensor, sem: Semantics | str = "sglang",
     model = Grok2ForCausalLM.empty(ckpt.config, sem)
     if tokens.dim() == 1:
         tokens = tokens[None]
-    model._assign(model, {"model.embed_tokens.weight": ckpt.tensor("model.embed_tokens.weight")}, dtype, "cpu")
-    h = model.embed(tokens)
-    model.model.embed_tokens.to("meta")
+    (h,) = model.embed_streamed(ckpt.tensor, tokens, dtype=dtype)
     positions = model.positions(tokens.shape[1], None, tokens.device)
     rope = rope_cos_sin(positions, model.cfg, model.sem)
     for layer in range(ckpt.config.num_hidden_layers):

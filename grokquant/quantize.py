@@ -178,10 +178,7 @@ def quantize(checkpoint: str | Path, out: str | Path, recipe: GPTQRecipe, tokens
     if state["done"]:
         hidden = torch.load(work / "hidden.pt")
     else:
-        model._assign(model, {"model.embed_tokens.weight": ckpt.tensor("model.embed_tokens.weight")},
-                      torch.float32, "cpu")
-        hidden = [model.embed(tokens[i:i + batch_size]) for i in range(0, tokens.shape[0], batch_size)]
-        model.model.embed_tokens.to("meta")
+        hidden = model.embed_streamed(ckpt.tensor, tokens, batch_size)
     positions = torch.arange(tokens.shape[1])
     rope = rope_cos_sin(positions, cfg, model.sem)
     for layer in range(state["done"], n_layers):
