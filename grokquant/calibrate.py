@@ -99,7 +99,8 @@ def collect(ckpt: Checkpoint, tokens: torch.Tensor, semantics: str = "sglang", h
                 hidden[i] = model.run_layer(layer, h.to(device), positions, None, rope).to(h.device)
         finally:
             collector.remove()
-        stats.sum2 = {k: v.float() for k, v in stats.sum2.items()}
+        stats.sum2 = {k: v.float().cpu() for k, v in stats.sum2.items()}
+        stats.hessian = {k: v.cpu() for k, v in stats.hessian.items()}
         if on_layer:
             on_layer(stats)
         yield stats
@@ -183,7 +184,7 @@ def load_stats(path) -> list[LayerStats]:
 
 
 def calibrate(checkpoint, output, tokens: torch.Tensor, imatrix_out=None, hessians: bool = False,
-              batch_size: int = 8, force: bool = False, dataset: str = "", metadata: dict | None = None,
+              batch_size: int = 8, device: str = "cpu", force: bool = False, dataset: str = "", metadata: dict | None = None,
               on_layer: Callable[[LayerStats], None] | None = None) -> list[list[int]]:
     """Collect statistics for every layer, write `output` (and the GGUF imatrix); returns tokens per
     expert per layer. Each file is written under a temporary name and renamed when complete."""
@@ -198,7 +199,7 @@ def calibrate(checkpoint, output, tokens: torch.Tensor, imatrix_out=None, hessia
     ckpt = Checkpoint.open(checkpoint)
     n_experts = ckpt.config.num_local_experts
     all_stats, sums, counts = [], {}, {}
-    for stats in collect(ckpt, tokens, hessians=hessians, batch_size=batch_size, on_layer=on_layer):
+    for stats in collect(ckpt, tokens, hessians=hessians, batch_size=batch_size, device=device, on_layer=on_layer):
         for name, (s, c) in imatrix_entries(stats, n_experts).items():
             sums[name], counts[name] = s, c
         all_stats.append(stats)

@@ -1,11 +1,17 @@
-"""`grokquant quantize`: calibrated GPTQ (or round-to-nearest) artifacts in the auto-gptq format.
+"""`grokquant quantize`: calibrated quantization, one decoder layer at a time, resumable.
 
 One pass over the layers: load layer l, push the calibration hidden states through it while hooks
-collect each input group's Hessian (experts: from the tokens routed to them), quantize every linear
-of the layer (the 8 experts of a projection in one batch), write the layer's shard, go on with the
-unquantized layer's outputs. Work is checkpointed per layer under `.OUT.partial` together with a
-fingerprint of the inputs and options, so a re-run after an interruption resumes and produces the
-same bytes.
+collect each input group's statistics (experts: from the tokens the router sends them), quantize
+every linear of the layer (the 8 experts of a projection in one batch), store the layer's result,
+go on with the layer's outputs (the unquantized layer's, or in sequential mode the quantized
+layer's). Two outputs, by recipe format:
+
+- gptq: an auto-gptq directory (round-to-nearest or GPTQ onto integer grids, per tensor class);
+- gguf: a GGUF file whose decoder-layer weights were rounded onto the GGML grids with importance
+  from the calibration (`imatrix`) or with GPTQ's error compensation (`gptq`, quant/gptq_ggml.py).
+
+Work is checkpointed per layer under `.OUT.partial` with a fingerprint of inputs and options, so a
+re-run after an interruption resumes and produces the same bytes.
 """
 
 from __future__ import annotations
@@ -14,22 +20,27 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
+import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .calibrate import LayerStats, _Collector
 from .checkpoint import Checkpoint
 from .config import expert_name
 from .errors import GrokquantError
-from .export.gptq_format import gptq_tensors, packable
-from .model import Grok2ForCausalLM, rope_cos_sin
+from .gguf_names import gguf_name
+from .model import Grok2ForCausalLM, gelu, rope_cos_sin
+from .quant.ggml import QUANTIZERS
 from .quant.gptq import IntQuantConfig, IntQuantized, gptq, rtn
-from .recipe import GPTQRecipe
+from .quant.gptq_ggml import ggml_rtn, gptq_ggml
+from .recipe import GGUFRecipe, GPTQRecipe
 
+FORMAT_VERSION = 2  # part of the resume fingerprint: bump when the per-layer output changes
 # linear -> (statistics group, tensor class)
 DENSE_LINEARS = {
     "self_attn.q_proj": ("attn_qkv", "attention"), "self_attn.k_proj": ("attn_qkv", "attention"),
@@ -38,10 +49,13 @@ DENSE_LINEARS = {
     "mlp.down_proj": ("mlp_down", "dense_mlp"),
 }
 EXPERT_GROUP = {"w1": "w13", "w3": "w13", "w2": "w2"}
+REPORT_KEY = "grokquant.quantize_report"  # GGUF header key holding the per-class report (JSON)
+Recipe = GPTQRecipe | GGUFRecipe
 
 
-def fingerprint(ckpt: Checkpoint, recipe: GPTQRecipe, tokens: torch.Tensor) -> str:
+def fingerprint(ckpt: Checkpoint, recipe: Recipe, tokens: torch.Tensor) -> str:
     h = hashlib.sha256()
+    h.update(f"{FORMAT_VERSION}:{type(recipe).__name__}".encode())
     h.update(json.dumps(asdict(ckpt.config), sort_keys=True).encode())
     for f in ckpt.files:
         st = f.stat()
@@ -51,118 +65,209 @@ def fingerprint(ckpt: Checkpoint, recipe: GPTQRecipe, tokens: torch.Tensor) -> s
     return h.hexdigest()
 
 
-def _quantize_stack(W: torch.Tensor, H: torch.Tensor, cfg: IntQuantConfig, method: str,
-                    fallback: list[bool]) -> IntQuantized:
-    """Batched GPTQ with round-to-nearest for the matrices flagged in `fallback`."""
-    if method == "rtn" or all(fallback):
-        return rtn(W, cfg)
-    q = gptq(W, H, cfg)
-    if any(fallback):
-        r = rtn(W, cfg)
-        for b, fb in enumerate(fallback):
-            if fb:
-                q.codes[b], q.scales[b], q.zeros[b], q.g_idx[b] = r.codes[b], r.scales[b], r.zeros[b], r.g_idx[b]
-    return q
-
+# ---- the linears of one layer with their calibration statistics -----------------------------------------
 
 @dataclass
-class LayerResult:
-    tensors: dict[str, torch.Tensor]  # as stored in the artifact
-    dequantized: dict[str, torch.Tensor]  # release name -> the weights the artifact represents
-    report: list[dict]  # per quantized stack: class, bits, output error of GPTQ and of RTN, min tokens
+class Stack:
+    """Matrices quantized together: one dense linear (B = 1) or the experts of one projection."""
+
+    cls: str  # attention | dense_mlp | experts
+    names: list[str]  # release names
+    W: torch.Tensor  # [B, out, in] float32
+    H: torch.Tensor | None  # [B, in, in] Σxxᵀ of each matrix's inputs (when collected)
+    importance: torch.Tensor  # [B, in] Σx² / tokens
+    fallback: list[bool]  # under-covered matrices quantized without calibration
+    min_tokens: int
 
 
-def _output_error(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor) -> float:
+def _importance(sum2: torch.Tensor, tokens: int) -> torch.Tensor:
+    """Mean x² per column in float32, as llama-quantize reads an imatrix (1.0 where no token came)."""
+    sum2 = sum2.float()
+    return sum2 / torch.tensor(float(tokens)) if tokens > 0 else torch.ones_like(sum2)
+
+
+def layer_stacks(ckpt: Checkpoint, layer: int, stats: LayerStats, recipe: Recipe) -> Iterator[Stack]:
+    """Every quantizable stack of a layer, with the statistics the recipe's coverage policy gives it."""
+    cfg = ckpt.config
+    prefix = f"model.layers.{layer}."
+    for linear, (group, cls) in DENSE_LINEARS.items():
+        name = prefix + linear + ".weight"
+        H = stats.hessian.get(group)
+        yield Stack(cls, [name], ckpt.tensor(name).float()[None], None if H is None else H[None],
+                    _importance(stats.sum2[group], stats.count[group])[None], [False], stats.count[group])
+    all_tokens = stats.count["mlp_gate_up"]
+    for proj in ("w1", "w3", "w2"):
+        names = [expert_name(layer, e, proj) for e in range(cfg.num_local_experts)]
+        W = torch.stack([ckpt.tensor(n).float() for n in names])
+        Hs, imps, fallback, counts = [], [], [], []
+        for e in range(cfg.num_local_experts):
+            g = f"expert{e}_{EXPERT_GROUP[proj]}"
+            n = stats.count.get(g, 0)
+            own_H = stats.hessian.get(g, torch.zeros(W.shape[2], W.shape[2])) if stats.hessian else None
+            own_s = stats.sum2.get(g, torch.zeros(W.shape[2])).float()
+            covered = n >= recipe.min_tokens
+            if covered or recipe.under_covered == "rtn":
+                H, s, k = own_H, own_s, n
+            elif recipe.under_covered == "all-tokens":
+                H, s, k = stats.hessian.get(g + "_all"), stats.sum2[g + "_all"], all_tokens
+            else:  # prior: the expert's own tokens plus min_tokens tokens' worth of the all-token average
+                w = recipe.min_tokens / all_tokens
+                H = None if own_H is None else own_H + stats.hessian[g + "_all"] * w
+                s, k = own_s + stats.sum2[g + "_all"] * w, n + recipe.min_tokens
+            Hs.append(H)
+            imps.append(_importance(s, k))
+            fallback.append(not covered and recipe.under_covered == "rtn")
+            counts.append(n)
+        yield Stack("experts", names, W, torch.stack(Hs) if Hs[0] is not None else None, torch.stack(imps),
+                    fallback, min(counts))
+
+
+def _all_token_statistics(layer_module, stats: LayerStats, recipe: Recipe, gelu_flavour: str,
+                          m: torch.Tensor, hessians: bool) -> None:
+    """Statistics of under-covered experts as if every calibration token m [N, H] were routed to them."""
+    for e, expert in enumerate(layer_module.block_sparse_moe.experts):
+        if stats.count.get(f"expert{e}_w13", 0) >= recipe.min_tokens:
+            continue
+        stats.sum2[f"expert{e}_w13_all"] = stats.sum2["mlp_gate_up"]  # the same input m, all tokens
+        a = gelu(expert.w1(m), gelu_flavour) * expert.w3(m)
+        stats.sum2[f"expert{e}_w2_all"] = a.pow(2).sum(0, dtype=torch.float64)
+        if hessians:
+            stats.hessian[f"expert{e}_w13_all"] = stats.hessian["mlp_gate_up"]
+            stats.hessian[f"expert{e}_w2_all"] = a.T @ a
+
+
+def _output_error(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor | None) -> float | None:
     """Σ_b ‖(W_b − Ŵ_b) X_b‖² = tr(D H Dᵀ) from the calibration Hessians."""
+    if H is None:
+        return None
     D = Wq - W
     return float(torch.einsum("boi,bij,boj->", D, H, D))
 
 
-def quantize_layer(ckpt: Checkpoint, layer: int, stats: LayerStats, recipe: GPTQRecipe) -> LayerResult:
-    """Quantize every linear of one decoder layer (experts of a projection in one batch)."""
-    cfg = ckpt.config
-    prefix = f"model.layers.{layer}."
-    res = LayerResult({}, {}, [])
+@dataclass
+class LayerResult:
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # as stored for the layer
+    dequantized: dict[str, torch.Tensor] = field(default_factory=dict)  # release name -> represented weights
+    report: list[dict] = field(default_factory=list)  # per stack: class, bits/type, errors, fewest tokens
 
-    def emit(cls: str, names: list[str], W, H, qc: IntQuantConfig, fallback: list[bool], tokens: int):
-        q = _quantize_stack(W, H, qc, recipe.method, fallback)
+
+# ---- gptq format: integer grids -------------------------------------------------------------------
+
+def _int_stack(s: Stack, cfg: IntQuantConfig, method: str, device: str) -> IntQuantized:
+    """Batched GPTQ with round-to-nearest for the matrices flagged as fallback."""
+    W = s.W.to(device)
+    if method == "rtn" or all(s.fallback):
+        q = rtn(W, cfg)
+    else:
+        q = gptq(W, s.H.to(device), cfg)
+        if any(s.fallback):
+            r = rtn(W, cfg)
+            for b, fb in enumerate(s.fallback):
+                if fb:
+                    q.codes[b], q.scales[b], q.zeros[b], q.g_idx[b] = r.codes[b], r.scales[b], r.zeros[b], r.g_idx[b]
+    return IntQuantized(*(t.cpu() for t in (q.codes, q.scales, q.zeros, q.g_idx)))
+
+
+def quantize_layer_int(ckpt: Checkpoint, layer: int, stats: LayerStats, recipe: GPTQRecipe,
+                       device: str = "cpu") -> LayerResult:
+    """Every linear of one layer onto the recipe's integer grids, in the auto-gptq layout."""
+    from .export.gptq_format import gptq_tensors, packable
+
+    res = LayerResult()
+    for s in layer_stacks(ckpt, layer, stats, recipe):
+        qc = recipe.config_for(s.cls)
+        if qc is None or not packable(s.W.shape[1], s.W.shape[2], qc.bits):
+            continue
+        q = _int_stack(s, qc, recipe.method, device)
         Wq = q.dequantize()
-        res.report.append({"class": cls, "bits": qc.bits, "error": _output_error(W, Wq, H),
-                           "rtn_error": _output_error(W, rtn(W, qc).dequantize(), H), "min_tokens": tokens})
-        for b, name in enumerate(names):
+        res.report.append({"class": s.cls, "bits": qc.bits, "error": _output_error(s.W, Wq, s.H),
+                           "rtn_error": _output_error(s.W, rtn(s.W, qc).dequantize(), s.H),
+                           "min_tokens": s.min_tokens})
+        for b, name in enumerate(s.names):
             base = name[: -len(".weight")]
             for k, v in gptq_tensors(q, b, qc.bits).items():
                 res.tensors[f"{base}.{k}"] = v
             res.dequantized[name] = Wq[b]
-
-    for linear, (group, cls) in DENSE_LINEARS.items():
-        qc = recipe.config_for(cls)
-        name = prefix + linear + ".weight"
-        W = ckpt.tensor(name).float()[None]
-        if qc is not None and packable(W.shape[1], W.shape[2], qc.bits):
-            emit(cls, [name], W, stats.hessian[group][None], qc, [False], stats.count[group])
-    qc = recipe.experts
-    for proj in ("w1", "w3", "w2"):
-        names = [expert_name(layer, e, proj) for e in range(cfg.num_local_experts)]
-        W = torch.stack([ckpt.tensor(n).float() for n in names])
-        if qc is None or not packable(W.shape[1], W.shape[2], qc.bits):
-            continue
-        groups = [f"expert{e}_{EXPERT_GROUP[proj]}" for e in range(cfg.num_local_experts)]
-        counts = [stats.count.get(g, 0) for g in groups]
-        H, fallback = [], []
-        for g, c in zip(groups, counts):
-            own = stats.hessian.get(g, torch.zeros(W.shape[2], W.shape[2]))
-            covered = c >= recipe.min_tokens
-            if covered or recipe.under_covered == "rtn":
-                H.append(own)
-            elif recipe.under_covered == "all-tokens":
-                H.append(stats.hessian[g + "_all"])
-            else:  # prior: the expert's own tokens plus min_tokens tokens' worth of the all-token average
-                H.append(own + stats.hessian[g + "_all"] * (recipe.min_tokens / stats.count["mlp_gate_up"]))
-            fallback.append(not covered and recipe.under_covered == "rtn")
-        emit("experts", names, W, torch.stack(H), qc, fallback, min(counts))
-    for name in cfg.layer_shapes(layer):
+    for name in ckpt.config.layer_shapes(layer):
         if name not in res.dequantized:
             res.tensors[name] = ckpt.tensor(name)  # norms, router and anything not packable stay bf16
     return res
 
 
-def _all_token_hessians(layer_module, stats: LayerStats, recipe: GPTQRecipe, gelu_flavour: str,
-                        m: torch.Tensor) -> None:
-    """Hessians of under-covered experts as if every calibration token m [N, H] were routed to them."""
-    from .model import gelu
+# ---- gguf format: GGML grids ----------------------------------------------------------------------
 
-    for e, expert in enumerate(layer_module.block_sparse_moe.experts):
-        if stats.count.get(f"expert{e}_w13", 0) >= recipe.min_tokens:
-            continue
-        stats.hessian[f"expert{e}_w13_all"] = stats.hessian["mlp_gate_up"]  # the same input m, all tokens
-        a = gelu(expert.w1(m), gelu_flavour) * expert.w3(m)
-        stats.hessian[f"expert{e}_w2_all"] = a.T @ a
+def quantize_layer_ggml(ckpt: Checkpoint, layer: int, stats: LayerStats, recipe: GGUFRecipe,
+                        types: dict[str, str]) -> LayerResult:
+    """Every quantized GGUF tensor of one layer (types: GGUF name -> GGML type), as GGML bytes."""
+    res = LayerResult()
+    for s in layer_stacks(ckpt, layer, stats, recipe):
+        gname = gguf_name(s.names[0])
+        type_name = types[gname]
+        if type_name in ("F32", "F16", "BF16"):
+            continue  # written from the checkpoint as it is
+        q = QUANTIZERS[type_name]
+        reference = ggml_rtn(s.W, type_name)
+        if recipe.method == "gptq" and not all(s.fallback):
+            data = gptq_ggml(s.W, s.H, type_name, recipe.damp)
+        else:
+            data = ggml_rtn(s.W, type_name, s.importance)
+        for b, fb in enumerate(s.fallback):
+            if fb:
+                data[b] = reference[b]
 
+        def dequant(d):
+            return q.dequantize(d.reshape(-1, d.shape[-1]), s.W.shape[2]).view(s.W.shape)
+
+        Wq = dequant(data)
+        res.report.append({"class": s.cls, "bits": type_name, "error": _output_error(s.W, Wq, s.H),
+                           "rtn_error": _output_error(s.W, dequant(reference), s.H), "min_tokens": s.min_tokens})
+        res.tensors[gname] = data if len(s.names) > 1 else data[0]
+        res.dequantized.update({n: Wq[b] for b, n in enumerate(s.names)})
+    return res
+
+
+# ---- the layer-streamed driver ----------------------------------------------------------------------------
 
 def summarize(reports: list[dict]) -> list[dict]:
-    """Per tensor class: bits, output-error reduction of GPTQ versus round-to-nearest, fewest tokens."""
+    """Per tensor class: bits, output-error reduction versus round-to-nearest, fewest tokens."""
     out = {}
     for r in reports:
         s = out.setdefault(r["class"], {"class": r["class"], "bits": r["bits"], "error": 0.0, "rtn_error": 0.0,
                                         "min_tokens": r["min_tokens"]})
-        s["error"] += r["error"]
-        s["rtn_error"] += r["rtn_error"]
+        if s["bits"] != r["bits"]:
+            s["bits"] = "mixed"
+        if r["error"] is None or s["error"] is None:
+            s["error"] = s["rtn_error"] = None
+        else:
+            s["error"] += r["error"]
+            s["rtn_error"] += r["rtn_error"]
         s["min_tokens"] = min(s["min_tokens"], r["min_tokens"])
     for s in out.values():
-        s["reduction_vs_rtn"] = 1 - s["error"] / s["rtn_error"] if s["rtn_error"] else 0.0
+        s["reduction_vs_rtn"] = 1 - s["error"] / s["rtn_error"] if s["rtn_error"] else None
     return list(out.values())
 
 
+def _gguf_types(ckpt: Checkpoint, recipe: GGUFRecipe) -> dict[str, str]:
+    from .export.gguf import plan
+
+    return {t.name: t.type.name for t in plan(ckpt.config, recipe, has_imatrix=True)}
+
+
 @torch.no_grad()
-def quantize(checkpoint: str | Path, out: str | Path, recipe: GPTQRecipe, tokens: torch.Tensor, force: bool = False,
-             batch_size: int = 8, on_layer: Callable[[int], None] | None = None) -> Path:
-    """Write the artifact directory `out` from calibration `tokens` [n_windows, seq_len]; resumable."""
+def quantize(checkpoint: str | Path, out: str | Path, recipe: Recipe, tokens: torch.Tensor, force: bool = False,
+             batch_size: int = 8, device: str = "cpu", rope: str = "plain",
+             on_layer: Callable[[int], None] | None = None) -> Path:
+    """Write `out` (a GPTQ directory or a GGUF file) from calibration `tokens` [n_windows, seq_len]."""
     out = Path(out)
     if out.exists() and not force:
         raise GrokquantError(f"{out} exists (use --force to overwrite)")
+    if isinstance(recipe, GGUFRecipe) and not recipe.calibrated:
+        raise GrokquantError(f"recipe {recipe.name} is not calibrated (method reference): use `grokquant convert`")
     ckpt = Checkpoint.open(checkpoint)
     cfg = ckpt.config
+    gguf = isinstance(recipe, GGUFRecipe)
+    types = _gguf_types(ckpt, recipe) if gguf else {}
+    hessians = not gguf or recipe.method == "gptq"
     work = out.with_name(f".{out.name}.partial")
     fp = fingerprint(ckpt, recipe, tokens)
     state_file = work / "progress.json"
@@ -170,84 +275,108 @@ def quantize(checkpoint: str | Path, out: str | Path, recipe: GPTQRecipe, tokens
     if state is None or state.get("fingerprint") != fp:
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
-        state = {"fingerprint": fp, "done": 0}
+        state = {"fingerprint": fp, "done": 0, "report": []}
     n_layers = cfg.num_hidden_layers
-    files = [f"model-{i + 1:05d}-of-{n_layers + 1:05d}.safetensors" for i in range(n_layers + 1)]
+    parts = [f"model-{i + 1:05d}-of-{n_layers + 1:05d}.safetensors" for i in range(n_layers + 1)]
 
     model = Grok2ForCausalLM.empty(cfg, "sglang")
-    if state["done"]:
-        hidden = torch.load(work / "hidden.pt")
-    else:
-        hidden = model.embed_streamed(ckpt.tensor, tokens, batch_size)
-    positions = torch.arange(tokens.shape[1])
-    rope = rope_cos_sin(positions, cfg, model.sem)
+    hidden = torch.load(work / "hidden.pt") if state["done"] else model.embed_streamed(ckpt.tensor, tokens, batch_size)
+    positions = torch.arange(tokens.shape[1], device=device)
+    rope_tables = tuple(t.to(device) for t in rope_cos_sin(positions, cfg, model.sem))
+
+    def run(layer):
+        return [model.run_layer(layer, h.to(device), positions, None, rope_tables).cpu() for h in hidden]
+
     for layer in range(state["done"], n_layers):
-        model.load_layer(layer, ckpt.tensor)
+        model.load_layer(layer, ckpt.tensor, torch.float32, device)
         stats = LayerStats(layer)
-        collector = _Collector(model.model.layers[layer], stats, hessians=True)
+        module = model.model.layers[layer]
+        collector = _Collector(module, stats, hessians=hessians)
         moe_inputs: list[torch.Tensor] = []  # the experts' input for every token, when some may need it
-        keep = model.model.layers[layer].mlp.gate_proj.register_forward_pre_hook(
+        keep = module.mlp.gate_proj.register_forward_pre_hook(
             lambda m, args: moe_inputs.append(args[0].reshape(-1, args[0].shape[-1]))) \
             if recipe.under_covered != "rtn" else None
         try:
-            outputs = [model.run_layer(layer, h, positions, None, rope) for h in hidden]
+            outputs = run(layer)
         finally:
             collector.remove()
             if keep is not None:
                 keep.remove()
-        if recipe.under_covered != "rtn":
-            _all_token_hessians(model.model.layers[layer], stats, recipe, model.sem.gelu, torch.cat(moe_inputs))
-        result = quantize_layer(ckpt, layer, stats, recipe)
+        if keep is not None:
+            _all_token_statistics(module, stats, recipe, model.sem.gelu, torch.cat(moe_inputs), hessians)
+        stats.hessian = {k: v.cpu() for k, v in stats.hessian.items()}
+        stats.sum2 = {k: v.cpu() for k, v in stats.sum2.items()}
+        if gguf:
+            result = quantize_layer_ggml(ckpt, layer, stats, recipe, types)
+        else:
+            result = quantize_layer_int(ckpt, layer, stats, recipe, device)
         if recipe.sequential:  # the next layer sees what the quantized layer computes
-            model.load_layer(layer, lambda n: result.dequantized.get(n, ckpt.tensor(n)))
-            outputs = [model.run_layer(layer, h, positions, None, rope) for h in hidden]
+            model.load_layer(layer, lambda n: result.dequantized.get(n, ckpt.tensor(n)), torch.float32, device)
+            outputs = run(layer)
         hidden = outputs
         model.unload_layer(layer)
-        save_file(result.tensors, str(work / files[layer]), metadata={"format": "pt"})
+        save_file(result.tensors, str(work / parts[layer]), metadata={"format": "pt"})
         torch.save(hidden, work / "hidden.tmp")
         os.replace(work / "hidden.tmp", work / "hidden.pt")
         state["done"] = layer + 1
-        state["report"] = state.get("report", []) + result.report
+        state["report"] += result.report
         state_file.write_text(json.dumps(state))
         if on_layer:
             on_layer(layer)
 
-    save_file({n: ckpt.tensor(n) for n in cfg.global_shapes()}, str(work / files[n_layers]), metadata={"format": "pt"})
-    _write_metadata(work, ckpt, recipe, files)
-    (work / "quantize_report.json").write_text(json.dumps(summarize(state.get("report", [])), indent=2))
-    (work / "hidden.pt").unlink(missing_ok=True)
-    state_file.unlink()
-    if out.exists():
-        shutil.rmtree(out)
-    work.rename(out)
+    report = summarize(state["report"])
+    if gguf:
+        _assemble_gguf(ckpt, checkpoint, work, parts[:n_layers], out, recipe, rope, report)
+    else:
+        _finish_gptq(ckpt, work, parts, out, recipe, report)
     return out
 
 
-def _write_metadata(work: Path, ckpt: Checkpoint, recipe: GPTQRecipe, files: list[str]) -> None:
-    from safetensors import safe_open
+def read_report(artifact: str | Path) -> list[dict]:
+    """The per-class report of a quantized artifact (GPTQ directory or GGUF file)."""
+    artifact = Path(artifact)
+    if artifact.is_dir():
+        return json.loads((artifact / "quantize_report.json").read_text())
+    from .gguf_file import read_gguf
 
-    weight_map = {}
-    for f in files:
-        with safe_open(str(work / f), "pt") as sf:
-            weight_map.update({k: f for k in sf.keys()})
-    (work / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
-    qc = recipe.experts or recipe.dense_mlp or recipe.attention or IntQuantConfig()
-    dynamic = {}  # GPTQModel's per-module overrides, for classes that differ from the main config
-    for cls, pattern in (("attention", r"+:.*\.self_attn\..*"), ("dense_mlp", r"+:.*\.mlp\..*"),
-                         ("experts", r"+:.*\.experts\..*")):
-        c = recipe.config_for(cls)
-        if c is None:
-            dynamic["-" + pattern[1:]] = {}
-        elif c != qc:
-            dynamic[pattern] = {"bits": c.bits, "group_size": c.group_size, "sym": c.sym, "desc_act": c.act_order}
-    quant = {"bits": qc.bits, "group_size": qc.group_size, "damp_percent": qc.damp, "desc_act": qc.act_order,
-             "static_groups": qc.static_groups, "sym": qc.sym, "true_sequential": False, "quant_method": "gptq",
-             "checkpoint_format": "gptq", "model_file_base_name": "model",
-             "meta": {"quantizer": "grokquant", "recipe": recipe.name, "method": recipe.method}}
-    if dynamic:
-        quant["dynamic"] = dynamic
-    (work / "quantize_config.json").write_text(json.dumps(quant, indent=2))
-    config = asdict(ckpt.config)
-    config["quantization_config"] = quant
-    (work / "config.json").write_text(json.dumps(config, indent=2))
-    shutil.copy(ckpt.tokenizer_path, work / "tokenizer.tok.json")
+    f = read_gguf(artifact)
+    try:
+        return json.loads(f.metadata[REPORT_KEY])
+    finally:
+        f.close()
+
+
+def _finish_gptq(ckpt: Checkpoint, work: Path, parts: list[str], out: Path, recipe: GPTQRecipe,
+                 report: list[dict]) -> None:
+    from .export.gptq_format import write_metadata
+
+    save_file({n: ckpt.tensor(n) for n in ckpt.config.global_shapes()}, str(work / parts[-1]),
+              metadata={"format": "pt"})
+    write_metadata(work, ckpt, recipe, parts)
+    (work / "quantize_report.json").write_text(json.dumps(report, indent=2))
+    (work / "hidden.pt").unlink(missing_ok=True)
+    (work / "progress.json").unlink()
+    if out.exists():
+        shutil.rmtree(out)
+    work.rename(out)
+
+
+def _assemble_gguf(ckpt: Checkpoint, checkpoint, work: Path, parts: list[str], out: Path, recipe: GGUFRecipe,
+                   rope: str, report: list[dict]) -> None:
+    """The GGUF file from the per-layer GGML bytes (globals and float tensors from the checkpoint)."""
+    from .export.gguf import convert
+
+    handles = [safe_open(str(work / p), "pt") for p in parts]
+    where = {k: h for h in handles for k in h.keys()}
+
+    def prequantized(t) -> np.ndarray | None:
+        return where[t.name].get_tensor(t.name).numpy() if t.name in where else None
+
+    tmp_out = out.with_name(f".{out.name}.assemble")
+    convert(checkpoint, tmp_out, recipe, rope=rope, force=True, prequantized=prequantized,
+            extra_metadata={REPORT_KEY: json.dumps(report), "grokquant.recipe": recipe.name})
+    if out.exists() and out.is_dir():
+        shutil.rmtree(out)
+    os.replace(tmp_out, out)
+    del handles, where
+    shutil.rmtree(work)

@@ -9,7 +9,10 @@ A GGUF recipe names a llama.cpp file type (its per-tensor mix) and optional per-
 
 Override keys are tensor classes (attention, dense_mlp, experts, output, embedding) or GGUF base
 names (attn_v, ffn_down_exps, ...); the more specific key wins. The router and norms are never
-quantized.
+quantized. A GGUF recipe's `method` says how the decoder layers' weights are rounded onto the
+GGML grids: `reference` (llama-quantize, with an --imatrix file if given; `grokquant convert`),
+`imatrix` or `gptq` (calibrated by `grokquant quantize`: importance from the tokens each expert
+actually receives, or GPTQ's error compensation on top of it).
 """
 
 from __future__ import annotations
@@ -33,6 +36,15 @@ CLASSES = {
     "embedding": ("token_embd",),
 }
 BASE_NAMES = {b for names in CLASSES.values() for b in names}
+UNDER_COVERED = ("rtn", "all-tokens", "prior")
+CALIBRATION_KEYS = {"min_tokens", "under_covered", "sequential"}
+
+
+def _check_calibration(recipe) -> None:
+    if recipe.under_covered not in UNDER_COVERED:
+        raise GrokquantError(f"recipe {recipe.name}: under_covered must be rtn, all-tokens or prior")
+    if recipe.min_tokens < 0:
+        raise GrokquantError(f"recipe {recipe.name}: min_tokens must be >= 0")
 
 
 @dataclass
@@ -41,9 +53,21 @@ class GGUFRecipe:
     ftype: str
     overrides: dict[str, str] = field(default_factory=dict)
     pure: bool = False  # every quantizable tensor gets the ftype's default type (llama-quantize --pure)
+    method: str = "reference"  # reference | imatrix | gptq (the last two need `grokquant quantize`)
+    damp: float = 0.01  # gptq: fraction of the mean Hessian diagonal added to the diagonal
+    min_tokens: int = 16  # calibrated methods: experts seeing fewer tokens are "under-covered"
+    under_covered: str = "rtn"  # rtn (reference rounding) | all-tokens | prior, as for GPTQ recipes
+    sequential: bool = False  # gptq/imatrix: layer l+1 calibrates on the quantized layer l's outputs
     format: str = "gguf"
 
+    @property
+    def calibrated(self) -> bool:
+        return self.method != "reference"
+
     def __post_init__(self):
+        if self.method not in ("reference", "imatrix", "gptq"):
+            raise GrokquantError(f"recipe {self.name}: method must be reference, imatrix or gptq, got {self.method!r}")
+        _check_calibration(self)
         if self.ftype not in FTYPES:
             raise GrokquantError(f"recipe {self.name}: unknown ftype {self.ftype!r} (one of {', '.join(FTYPES)})")
         for key, value in self.overrides.items():
@@ -89,9 +113,12 @@ class GPTQRecipe:
     sequential: bool = False  # inputs of layer l+1 from the quantized layer l (GPTQ's intent), else unquantized
     format: str = "gptq"
 
+    @property
+    def calibrated(self) -> bool:
+        return True
+
     def __post_init__(self):
-        if self.under_covered not in ("rtn", "all-tokens", "prior"):
-            raise GrokquantError(f"recipe {self.name}: under_covered must be rtn, all-tokens or prior")
+        _check_calibration(self)
         if self.method not in ("gptq", "rtn"):
             raise GrokquantError(f"recipe {self.name}: method must be gptq or rtn, got {self.method!r}")
         for cls in ("experts", "attention", "dense_mlp"):
@@ -127,8 +154,8 @@ def load_recipe(spec: str | Path) -> "GGUFRecipe | GPTQRecipe":
         raise GrokquantError(f"{path}: a recipe is a YAML mapping")
     fmt = raw.get("format", "gguf")
     if fmt == "gptq":
-        unknown = set(raw) - {"name", "format", "method", "experts", "attention", "dense_mlp", "min_tokens",
-                              "under_covered", "sequential", "description"}
+        unknown = set(raw) - {"name", "format", "method", "experts", "attention", "dense_mlp", "description"} \
+            - CALIBRATION_KEYS
         if unknown:
             raise GrokquantError(f"{path}: unknown recipe key(s) {', '.join(sorted(unknown))}")
         return GPTQRecipe(name=raw.get("name", path.stem), method=raw.get("method", "gptq"),
@@ -137,10 +164,14 @@ def load_recipe(spec: str | Path) -> "GGUFRecipe | GPTQRecipe":
                           under_covered=str(raw.get("under_covered", "rtn")))
     if fmt != "gguf":
         raise GrokquantError(f"{path}: unknown format {fmt!r} (gguf or gptq)")
-    unknown = set(raw) - {"name", "format", "ftype", "overrides", "pure", "description"}
+    unknown = set(raw) - {"name", "format", "ftype", "overrides", "pure", "method", "damp", "description"} \
+        - CALIBRATION_KEYS
     if unknown:
         raise GrokquantError(f"{path}: unknown recipe key(s) {', '.join(sorted(unknown))}")
     if "ftype" not in raw:
         raise GrokquantError(f"{path}: missing key ftype")
     return GGUFRecipe(name=raw.get("name", path.stem), ftype=str(raw["ftype"]).lower(),
-                      overrides=raw.get("overrides") or {}, pure=bool(raw.get("pure", False)))
+                      overrides=raw.get("overrides") or {}, pure=bool(raw.get("pure", False)),
+                      method=str(raw.get("method", "reference")), damp=float(raw.get("damp", 0.01)),
+                      min_tokens=int(raw.get("min_tokens", 16)), sequential=bool(raw.get("sequential", False)),
+                      under_covered=str(raw.get("under_covered", "rtn")))

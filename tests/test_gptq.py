@@ -60,6 +60,8 @@ def test_columns_without_inputs_stay_finite():
     X[..., 5:40] = 0  # columns no token touches: zero Hessian diagonal
     q = gptq(W, X.transpose(1, 2) @ X, IntQuantConfig(group_size=32))
     assert torch.isfinite(q.dequantize()).all()
+    # untouched columns keep their weights (rounded), for the inputs calibration did not cover
+    assert torch.equal(q.dequantize()[..., 8:32], rtn(W, IntQuantConfig(group_size=32)).dequantize()[..., 8:32])
 
 
 def test_gptq_on_calibrated_experts_and_dense(tiny_tp8):

@@ -210,17 +210,23 @@ def _all_finite(raw: np.ndarray, kind: str) -> bool:
 def convert(checkpoint: str | Path, out: str | Path, recipe: GGUFRecipe, rope: str = "plain",
             split_max_bytes: int | None = None, imatrix: dict[str, torch.Tensor] | None = None,
             force: bool = False, name: str | None = None,
-            progress: Callable[[PlannedTensor, int], None] | None = None) -> list[Path]:
+            progress: Callable[[PlannedTensor, int], None] | None = None,
+            prequantized: Callable[[PlannedTensor], np.ndarray | None] | None = None,
+            extra_metadata: dict[str, str] | None = None) -> list[Path]:
     """Write `out` (or its split shards); returns the written paths.
 
     `progress(tensor, nbytes)` is called with 0 when a tensor starts and its size when it is written.
+    `prequantized(tensor)` may supply a tensor's bytes (calibrated quantization did the rounding);
+    `extra_metadata` adds string keys to the header.
     """
     if rope not in ROPE_MODES:
         raise GrokquantError(f"unknown rope mode {rope!r} (plain or yarn)")
+    if recipe.calibrated and prequantized is None:
+        raise GrokquantError(f"recipe {recipe.name} ({recipe.method}) needs calibration: use `grokquant quantize`")
     ckpt = Checkpoint.open(checkpoint)
     cfg = ckpt.config
     tok = load_tokenizer(ckpt.tokenizer_path)
-    tensors = plan(cfg, recipe, has_imatrix=imatrix is not None)
+    tensors = plan(cfg, recipe, has_imatrix=imatrix is not None or recipe.calibrated)
     if imatrix:
         _check_imatrix(imatrix, tensors)
     shards = split_plan(tensors, split_max_bytes)
@@ -234,6 +240,8 @@ def convert(checkpoint: str | Path, out: str | Path, recipe: GGUFRecipe, rope: s
             w = GGUFWriter(tmp)
             if i == 0:
                 add_metadata(w, cfg, tok, recipe, rope, name or Path(checkpoint).name)
+                for key, value in (extra_metadata or {}).items():
+                    w.add_str(key, value)
             if len(shards) > 1:
                 w.add_u16("split.no", i)
                 w.add_u16("split.count", len(shards))
@@ -245,7 +253,8 @@ def convert(checkpoint: str | Path, out: str | Path, recipe: GGUFRecipe, rope: s
                 for t in shard:
                     if progress:
                         progress(t, 0)  # starting t
-                    for chunk in tensor_chunks(ckpt, t, imatrix):
+                    data = prequantized(t) if prequantized else None
+                    for chunk in [data] if data is not None else tensor_chunks(ckpt, t, imatrix):
                         w.write(t.name, chunk)
                     if progress:
                         progress(t, t.nbytes)  # t written

@@ -88,10 +88,10 @@ def gptq(W: torch.Tensor, H: torch.Tensor, cfg: IntQuantConfig) -> IntQuantized:
     n_groups = -(-cols // gs)
     idx = torch.arange(cols, device=W.device)
 
-    # columns no token ever touched: weight irrelevant to the output, keep H invertible
+    # columns no calibration token touched: keep H invertible; they are rounded to nearest and pass no
+    # error on (GPTQ's reference zeroes them, which breaks inputs the calibration did not cover)
     dead = torch.diagonal(H, dim1=1, dim2=2) == 0
     H.diagonal(dim1=1, dim2=2)[dead] = 1
-    W.masked_fill_(dead[:, None, :], 0)
 
     if cfg.static_groups:  # parameters from the original weights, by original column
         st = rtn(W, cfg)
