@@ -53,7 +53,8 @@ def inspect(checkpoint, as_json):
 
 @main.command()
 @click.argument("out", type=click.Path())
-@click.option("--preset", default="tiny", show_default=True, type=click.Choice(["tiny", "small", "odd"]))
+@click.option("--preset", type=click.Choice(["tiny", "small", "odd"]),
+              help="Shapes [default: tiny; with --train, the trained fixture's shapes].")
 @click.option("--hidden", "hidden_size", type=int, help="hidden_size")
 @click.option("--layers", "num_hidden_layers", type=int, help="num_hidden_layers")
 @click.option("--experts", "num_local_experts", type=int, help="num_local_experts")
@@ -66,13 +67,38 @@ def inspect(checkpoint, as_json):
 @click.option("--vocab", "vocab_size", type=int, help="vocabulary size (the tokenizer is trained to it)")
 @click.option("--layout", default="tp8", show_default=True, type=click.Choice(["tp8", "merged"]))
 @click.option("--seed", default=0, show_default=True)
+@click.option("--train", "train_text", help="Train on real text instead of writing random weights: "
+              "builtin (the built-in corpus's training split) or a UTF-8 text file.")
+@click.option("--steps", type=int, help="Training steps (with --train) [default: 600].")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
-def synth(out, preset, layout, seed, force, **overrides):
-    """Write a random Grok 2 checkpoint in the release's exact layout."""
-    from .synth import synth as write
+def synth(out, preset, layout, seed, train_text, steps, force, **overrides):
+    """Write a random (or, with --train, trained) Grok 2 checkpoint in the release's exact layout."""
+    if train_text is None:
+        from .synth import synth as write
 
-    path = write(out, preset=preset, seed=seed, layout=layout, force=force, **overrides)
-    click.echo(f"wrote {path} ({layout}, preset {preset})")
+        if steps is not None:
+            raise GrokquantError("--steps needs --train")
+        path = write(out, preset=preset or "tiny", seed=seed, layout=layout, force=force, **overrides)
+        click.echo(f"wrote {path} ({layout}, preset {preset or 'tiny'})")
+        return
+    from dataclasses import replace
+
+    from .train import TrainConfig, model_config, train
+
+    tc = replace(TrainConfig(seed=seed), **({"steps": steps} if steps is not None else {}))
+    every = max(1, tc.steps // 20)
+
+    def progress(step, loss, lr):
+        if step % every == 0 or step == tc.steps - 1:
+            click.echo(f"step {step + 1:>5}/{tc.steps}  loss {loss:.3f}  lr {lr:.2e}", err=True)
+
+    result = train(out, train_text, tc, model_config(preset, **overrides), layout=layout, force=force,
+                   on_step=progress)
+    click.echo(f"held-out perplexity {result.heldout_ppl:.2f} (unigram {result.unigram_ppl:.2f}), "
+               f"{result.train_tokens} training tokens, {result.seconds:.0f} s")
+    for layer, share in enumerate(result.expert_share):
+        click.echo(f"layer {layer} expert share: " + " ".join(f"{100 * s:.1f}%" for s in share))
+    click.echo(f"wrote {out} ({layout}, trained on {train_text})")
 
 
 def parse_size(text: str | None) -> int | None:
@@ -108,8 +134,8 @@ def convert(checkpoint, output, ftype, recipe, rope, imatrix, split_max_size, na
     if bool(ftype) == bool(recipe):
         raise GrokquantError("give exactly one of --type and --recipe")
     rec = load_recipe(recipe) if recipe else GGUFRecipe(name=ftype.lower(), ftype=ftype.lower())
-    if not isinstance(rec, GGUFRecipe):
-        raise GrokquantError(f"recipe {rec.name} is a {rec.format} recipe: use `grokquant quantize`")
+    if not isinstance(rec, GGUFRecipe) or rec.calibrated:
+        raise GrokquantError(f"recipe {rec.name} needs calibration data: use `grokquant quantize`")
     imat = load_imatrix(imatrix) if imatrix else None
     from .checkpoint import Checkpoint
 
@@ -155,9 +181,10 @@ def convert(checkpoint, output, ftype, recipe, rope, imatrix, split_max_size, na
 @click.option("--hessians", is_flag=True, help="Also store full Hessians Σxxᵀ (small models only).")
 @click.option("--min-tokens", default=64, show_default=True, help="Flag experts that see fewer tokens.")
 @click.option("--batch-size", default=8, show_default=True, help="Sequences pushed through a layer at once.")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--force", is_flag=True, help="Overwrite existing outputs.")
 def calibrate(checkpoint, output, data, n_tokens, seq_len, seed, chat, imatrix_out, hessians, min_tokens,
-              batch_size, force):
+              batch_size, device, force):
     """Collect per-expert calibration statistics, one layer at a time."""
     from tqdm import tqdm
 
@@ -171,7 +198,8 @@ def calibrate(checkpoint, output, data, n_tokens, seq_len, seed, chat, imatrix_o
         n_layers = ckpt.config.num_hidden_layers
     with tqdm(total=n_layers, unit="layer", desc="calibrate", file=sys.stderr) as bar:
         per_layer = run_calibrate(checkpoint, output, tokens, imatrix_out=imatrix_out, hessians=hessians,
-                                  batch_size=batch_size, force=force, dataset=str(data),
+                                  batch_size=batch_size, device=resolve_device(device), force=force,
+                                  dataset=str(data),
                                   metadata={"seed": seed, "chat": chat}, on_layer=lambda s: bar.update(1))
     click.echo(render_coverage(per_layer, min_tokens))
     low = coverage_problems(per_layer, min_tokens)
@@ -183,37 +211,61 @@ def calibrate(checkpoint, output, data, n_tokens, seq_len, seed, chat, imatrix_o
 
 @main.command()
 @click.argument("checkpoint", type=click.Path(file_okay=False))
-@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Output directory.")
-@click.option("--recipe", default="gptq-w4g128", show_default=True, help="A gptq recipe name or YAML path.")
+@click.option("-o", "--output", required=True, type=click.Path(),
+              help="Output directory (gptq recipes) or .gguf file (calibrated gguf recipes).")
+@click.option("--recipe", default="gptq-w4g128", show_default=True,
+              help="Recipe name under recipes/ or a YAML path: format gptq, or gguf with method imatrix/gptq.")
 @click.option("--data", default="builtin", show_default=True, help="Calibration text (see `calibrate`).")
 @click.option("--tokens", "n_tokens", default=8192, show_default=True)
 @click.option("--seq-len", default=512, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--chat", is_flag=True)
-@click.option("--force", is_flag=True, help="Overwrite an existing output directory.")
-def quantize(checkpoint, output, recipe, data, n_tokens, seq_len, seed, chat, force):
-    """Calibrated GPTQ / round-to-nearest artifact (auto-gptq format); resumes after an interruption."""
+@click.option("--device", default="auto", show_default=True,
+              help="cpu, cuda, cuda:N or auto (a GPU when there is one): where layers, Hessians and GPTQ run.")
+@click.option("--batch-size", default=8, show_default=True, help="Sequences pushed through a layer at once.")
+@click.option("--rope", default="plain", show_default=True, type=click.Choice(["plain", "yarn"]),
+              help="GGUF output only: RoPE keys written (see `convert`).")
+@click.option("--force", is_flag=True, help="Overwrite an existing output.")
+def quantize(checkpoint, output, recipe, data, n_tokens, seq_len, seed, chat, device, batch_size, rope, force):
+    """Calibrated quantization (GPTQ directory or GGUF file); resumes after an interruption."""
     from tqdm import tqdm
 
     from .calib_data import calibration_tokens
     from .checkpoint import Checkpoint
-    from .quantize import quantize as run_quantize
-    from .recipe import GPTQRecipe, load_recipe
+    from .quantize import quantize as run_quantize, read_report
+    from .recipe import GGUFRecipe, load_recipe
     from .tokenizer import load_tokenizer
 
     rec = load_recipe(recipe)
-    if not isinstance(rec, GPTQRecipe):
-        raise GrokquantError(f"recipe {rec.name} is a GGUF recipe: use `grokquant convert`")
+    if isinstance(rec, GGUFRecipe) and not rec.calibrated:
+        raise GrokquantError(f"recipe {rec.name} is not calibrated (method reference): use `grokquant convert`")
+    device = resolve_device(device)
     with Checkpoint.open(checkpoint) as ckpt:
         tokens = calibration_tokens(load_tokenizer(ckpt.tokenizer_path), data, n_tokens, seq_len, seed, chat)
         n_layers = ckpt.config.num_hidden_layers
     with tqdm(total=n_layers, unit="layer", desc=f"quantize {rec.name}", file=sys.stderr) as bar:
-        out = run_quantize(checkpoint, output, rec, tokens, force=force, on_layer=lambda l: bar.update(1))
-    size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
-    click.echo(f"{'class':<12}{'bits':>5}{'calib. error vs RTN':>21}{'fewest tokens':>15}")
-    for row in json.loads((out / "quantize_report.json").read_text()):
-        click.echo(f"{row['class']:<12}{row['bits']:>5}{-100 * row['reduction_vs_rtn']:>20.1f}%{row['min_tokens']:>15}")
-    click.echo(f"wrote {out}: {size / 1e9:.3f} GB ({rec.method}, recipe {rec.name}, {tokens.numel()} calibration tokens)")
+        out = run_quantize(checkpoint, output, rec, tokens, force=force, batch_size=batch_size, device=device,
+                           rope=rope, on_layer=lambda l: bar.update(1))
+    files = list(out.glob("*.safetensors")) if out.is_dir() else [out]
+    size = sum(f.stat().st_size for f in files)
+    click.echo(f"{'class':<12}{'bits':>7}{'calib. error vs RTN':>21}{'fewest tokens':>15}")
+    for row in read_report(out):
+        change = "—" if row["reduction_vs_rtn"] is None else f"{-100 * row['reduction_vs_rtn']:.1f}%"
+        click.echo(f"{row['class']:<12}{row['bits']:>7}{change:>21}{row['min_tokens']:>15}")
+    click.echo(f"wrote {out}: {size / 1e9:.3f} GB ({rec.method}, recipe {rec.name}, {tokens.numel()} calibration "
+               f"tokens, {device})")
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise GrokquantError(f"--device {device}: no CUDA device is available")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise GrokquantError(f"--device {device}: expected cpu, cuda, cuda:N or auto")
+    return device
 
 
 @main.command()
@@ -224,14 +276,88 @@ def quantize(checkpoint, output, recipe, data, n_tokens, seq_len, seed, chat, fo
 @click.option("--engine", default="torch", show_default=True, type=click.Choice(["torch", "llama.cpp"]),
               help="llama.cpp runs GGUF files through llama-cpp-python.")
 @click.option("--semantics", type=click.Choice(["sglang", "llama.cpp", "llama.cpp-yarn"]),
-              help="Forward-pass semantics of the torch engine (default: sglang for checkpoints, "
+              help="Forward-pass semantics of the torch engine (default: sglang for checkpoints and GPTQ, "
                    "the file's own for GGUF).")
-def run(artifact, prompt, max_new_tokens, chat, engine, semantics):
-    """Generate text (greedy) from a checkpoint or a GGUF file, on CPU."""
+@click.option("--temperature", default=0.0, show_default=True, help="0: greedy.")
+@click.option("--top-p", default=1.0, show_default=True, help="Nucleus sampling mass.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option("--gpu-memory", help="Weights + KV cache allowed per GPU (e.g. 22GiB); the rest rests in CPU memory.")
+@click.option("--cpu-memory", help="CPU memory allowed for offloaded weights (e.g. 120GiB).")
+def run(artifact, prompt, max_new_tokens, chat, engine, semantics, temperature, top_p, seed, device, gpu_memory,
+        cpu_memory):
+    """Stream generated text from a checkpoint, a GPTQ directory or a GGUF file."""
     from .generate import generate
     from .tokenizer import format_chat
 
     click.echo(format_chat([{"role": "user", "content": prompt}]) if chat else prompt, nl=False)
-    for piece in generate(artifact, prompt, max_new_tokens, chat, engine, semantics):
+    for piece in generate(artifact, prompt, max_new_tokens, chat, engine, semantics, temperature, top_p, seed,
+                          device, gpu_memory, cpu_memory):
         click.echo(piece, nl=False)
     click.echo()
+
+
+@main.command()
+@click.argument("checkpoint", required=False, type=click.Path(exists=True))
+@click.option("--recipe", default="q4_k_m", show_default=True,
+              help="A recipe name or YAML path, or a llama.cpp file type (bf16, q8_0, ...).")
+@click.option("--gpu", "gpu_memory", default="24GiB", show_default=True, help="Memory of each GPU.")
+@click.option("--gpus", "n_gpus", default=1, show_default=True, help="Number of GPUs (0: CPU only).")
+@click.option("--ram", default="128GiB", show_default=True, help="CPU memory for weights.")
+@click.option("--context", default=4096, show_default=True, help="Tokens of KV cache to reserve.")
+@click.option("--reserve", default="1GiB", show_default=True, help="Kept free on each GPU (CUDA context, activations).")
+def plan(checkpoint, recipe, gpu_memory, n_gpus, ram, context, reserve):
+    """Sizes per tensor class, KV cache and placement over GPUs and RAM (real Grok 2 unless CHECKPOINT)."""
+    from .load import open_source, parse_memory
+    from .plan import plan as make, render
+
+    cfg = open_source(checkpoint).config if checkpoint else None
+    report = make(recipe, parse_memory(gpu_memory), n_gpus, parse_memory(ram), context, parse_memory(reserve), cfg)
+    click.echo(render(report))
+    if report.problem:
+        raise GrokquantError(f"does not fit: {report.problem}")
+
+
+@main.command(name="eval")
+@click.argument("artifacts", nargs=-1, type=click.Path(exists=True))
+@click.option("--data", default="builtin", show_default=True,
+              help="builtin (the built-in corpus's held-out split), a text file (tokenized whole, as "
+                   "llama-perplexity does), a folder of text files or JSON Lines.")
+@click.option("--ctx", default=512, show_default=True, help="Tokens per window.")
+@click.option("--stride", type=int, help="Tokens between window starts [default: ctx]; each window scores its "
+              "last min(stride, ctx/2 - 1) tokens.")
+@click.option("--chunks", type=int, help="Evaluate only the first N windows.")
+@click.option("--baseline", type=click.Path(exists=True),
+              help="Compare against this artifact, or against logits saved by --save-baseline.")
+@click.option("--save-baseline", type=click.Path(dir_okay=False),
+              help="Save the baseline's top-k log-probabilities (.safetensors) for reuse with --baseline.")
+@click.option("--top-k", default=64, show_default=True, help="Baseline log-probabilities kept per token.")
+@click.option("--engine", default="torch", show_default=True, type=click.Choice(["torch", "llama.cpp", "both"]),
+              help="How GGUF files run: our model, llama.cpp (llama-cpp-python), or a row for each.")
+@click.option("--semantics", type=click.Choice(["sglang", "llama.cpp", "llama.cpp-yarn"]),
+              help="Forward-pass semantics of the torch engine [default: sglang; a GGUF's own for GGUF].")
+@click.option("--batch-size", default=8, show_default=True, help="Windows per forward pass.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
+              help="Write a figure: perplexity vs size, KL divergence distribution (needs matplotlib).")
+def eval_(artifacts, data, ctx, stride, chunks, baseline, save_baseline, top_k, engine, semantics, batch_size,
+          as_json, plot_path):
+    """Perplexity of checkpoints, GPTQ directories and GGUF files; KL divergence, top-1 agreement
+    and Δp against a baseline (the statistics of llama-perplexity --kl-divergence)."""
+    from .evaluate import plot, render, require_matplotlib, run_eval, to_json
+
+    if plot_path:
+        require_matplotlib()  # before the evaluation, not after it
+    def progress(row):
+        click.echo(f"{row['artifact']}: PPL {row['ppl']:.3f}", err=True)
+
+    results, label = run_eval(artifacts, data, ctx, stride, chunks, baseline, save_baseline, top_k, engine,
+                              semantics, batch_size, on_artifact=progress)
+    if plot_path and results:
+        plot(results, plot_path)
+    if as_json:
+        click.echo(json.dumps({"baseline": label, "results": to_json(results)}, indent=2))
+    elif results:
+        click.echo(render(results, label))
+    if save_baseline:
+        click.echo(f"wrote {save_baseline}", err=True)

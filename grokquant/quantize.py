@@ -86,19 +86,24 @@ def _importance(sum2: torch.Tensor, tokens: int) -> torch.Tensor:
     return sum2 / torch.tensor(float(tokens)) if tokens > 0 else torch.ones_like(sum2)
 
 
-def layer_stacks(ckpt: Checkpoint, layer: int, stats: LayerStats, recipe: Recipe) -> Iterator[Stack]:
-    """Every quantizable stack of a layer, with the statistics the recipe's coverage policy gives it."""
+def layer_stacks(ckpt: Checkpoint, layer: int, stats: LayerStats, recipe: Recipe,
+                 weights: Callable[[str], torch.Tensor] | None = None) -> Iterator[Stack]:
+    """Every quantizable stack of a layer, with the statistics the recipe's coverage policy gives it.
+
+    `weights(name)` gives a weight (default: read from the checkpoint; the driver passes the layer it
+    already loaded, so each weight is read from disk once)."""
     cfg = ckpt.config
+    weights = weights or ckpt.tensor
     prefix = f"model.layers.{layer}."
     for linear, (group, cls) in DENSE_LINEARS.items():
         name = prefix + linear + ".weight"
         H = stats.hessian.get(group)
-        yield Stack(cls, [name], ckpt.tensor(name).float()[None], None if H is None else H[None],
+        yield Stack(cls, [name], weights(name).float()[None], None if H is None else H[None],
                     _importance(stats.sum2[group], stats.count[group])[None], [False], stats.count[group])
     all_tokens = stats.count["mlp_gate_up"]
     for proj in ("w1", "w3", "w2"):
         names = [expert_name(layer, e, proj) for e in range(cfg.num_local_experts)]
-        W = torch.stack([ckpt.tensor(n).float() for n in names])
+        W = torch.stack([weights(n).float() for n in names])
         Hs, imps, fallback, counts = [], [], [], []
         for e in range(cfg.num_local_experts):
             g = f"expert{e}_{EXPERT_GROUP[proj]}"
@@ -169,17 +174,18 @@ def _int_stack(s: Stack, cfg: IntQuantConfig, method: str, device: str) -> IntQu
 
 
 def quantize_layer_int(ckpt: Checkpoint, layer: int, stats: LayerStats, recipe: GPTQRecipe,
-                       device: str = "cpu") -> LayerResult:
+                       device: str = "cpu", weights: Callable[[str], torch.Tensor] | None = None) -> LayerResult:
     """Every linear of one layer onto the recipe's integer grids, in the auto-gptq layout."""
     from .export.gptq_format import gptq_tensors, packable
 
     res = LayerResult()
-    for s in layer_stacks(ckpt, layer, stats, recipe):
+    for s in layer_stacks(ckpt, layer, stats, recipe, weights):
         qc = recipe.config_for(s.cls)
         if qc is None or not packable(s.W.shape[1], s.W.shape[2], qc.bits):
             continue
         q = _int_stack(s, qc, recipe.method, device)
         Wq = q.dequantize()
+        s.W = s.W.cpu()
         res.report.append({"class": s.cls, "bits": qc.bits, "error": _output_error(s.W, Wq, s.H),
                            "rtn_error": _output_error(s.W, rtn(s.W, qc).dequantize(), s.H),
                            "min_tokens": s.min_tokens})
@@ -197,10 +203,11 @@ def quantize_layer_int(ckpt: Checkpoint, layer: int, stats: LayerStats, recipe: 
 # ---- gguf format: GGML grids ----------------------------------------------------------------------
 
 def quantize_layer_ggml(ckpt: Checkpoint, layer: int, stats: LayerStats, recipe: GGUFRecipe,
-                        types: dict[str, str]) -> LayerResult:
+                        types: dict[str, str], weights: Callable[[str], torch.Tensor] | None = None) -> LayerResult:
     """Every quantized GGUF tensor of one layer (types: GGUF name -> GGML type), as GGML bytes."""
     res = LayerResult()
-    for s in layer_stacks(ckpt, layer, stats, recipe):
+    for s in layer_stacks(ckpt, layer, stats, recipe, weights):
+        s.W = s.W.cpu()  # the GGML quantizers run on the CPU
         gname = gguf_name(s.names[0])
         type_name = types[gname]
         if type_name in ("F32", "F16", "BF16"):
@@ -306,10 +313,15 @@ def quantize(checkpoint: str | Path, out: str | Path, recipe: Recipe, tokens: to
             _all_token_statistics(module, stats, recipe, model.sem.gelu, torch.cat(moe_inputs), hessians)
         stats.hessian = {k: v.cpu() for k, v in stats.hessian.items()}
         stats.sum2 = {k: v.cpu() for k, v in stats.sum2.items()}
+        prefix = f"model.layers.{layer}."
+
+        def loaded(name):  # the weights already in memory for the forward pass
+            return module.get_parameter(name[len(prefix):]).detach()
+
         if gguf:
-            result = quantize_layer_ggml(ckpt, layer, stats, recipe, types)
+            result = quantize_layer_ggml(ckpt, layer, stats, recipe, types, loaded)
         else:
-            result = quantize_layer_int(ckpt, layer, stats, recipe, device)
+            result = quantize_layer_int(ckpt, layer, stats, recipe, device, loaded)
         if recipe.sequential:  # the next layer sees what the quantized layer computes
             model.load_layer(layer, lambda n: result.dequantized.get(n, ckpt.tensor(n)), torch.float32, device)
             outputs = run(layer)

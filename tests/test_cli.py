@@ -84,3 +84,15 @@ def test_quantize_cli_with_mixed_bits(tiny_tp8, tmp_path):
     assert invoke("quantize", tiny_tp8, "-o", out, "--tokens", 512, "--seq-len", 64).exit_code == 2
     res = invoke("convert", tiny_tp8, "-o", tmp_path / "x.gguf", "--recipe", "gptq-w4g128")
     assert res.exit_code == 2 and "grokquant quantize" in res.output
+
+
+def test_quantize_cli_calibrated_gguf(tiny_tp8, tmp_path):
+    out = tmp_path / "tiny-q4_k_m-imatrix.gguf"
+    res = invoke("quantize", tiny_tp8, "-o", out, "--recipe", "q4_k_m-imatrix", "--tokens", 256, "--seq-len", 64,
+                 "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    assert out.is_file() and "experts" in res.output and "(imatrix, recipe q4_k_m-imatrix" in res.output
+    res = invoke("quantize", tiny_tp8, "-o", tmp_path / "y.gguf", "--recipe", "q4_k_m", "--tokens", 256)
+    assert res.exit_code == 2 and "grokquant convert" in res.output
+    res = invoke("quantize", tiny_tp8, "-o", tmp_path / "z", "--device", "tpu", "--tokens", 256)
+    assert res.exit_code == 2 and "--device tpu" in res.output

@@ -84,3 +84,14 @@ def test_gptq_on_calibrated_experts_and_dense(tiny_tp8):
 
         e_gptq, e_rtn = err(gptq(W, H, cfg).dequantize()), err(rtn(W, cfg).dequantize())
         assert (e_gptq < 0.95 * e_rtn).all(), (names[0], e_gptq / e_rtn)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_asymmetric_zero_point_never_zero(bits):
+    """v1 stores zero − 1: a zero of 0 would read back as 2^bits in auto-gptq's kernels."""
+    W = torch.rand(1, 16, 256) + 0.1  # all-positive groups: plain min/max would give zero 0
+    W[0, :4] -= 2  # and some rows with negative values
+    cfg = IntQuantConfig(bits=bits, group_size=64, sym=False)
+    for q in (rtn(W, cfg), gptq(W, torch.eye(256)[None] * 100, cfg)):
+        assert q.zeros.min() >= 1 and q.zeros.max() <= 2 ** bits - 1
+        assert (q.dequantize() - W).abs().max() <= q.scales.max() / 2 + 1e-6

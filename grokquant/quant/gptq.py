@@ -54,8 +54,14 @@ def group_params(w: torch.Tensor, cfg: IntQuantConfig) -> tuple[torch.Tensor, to
     xmin = torch.where(empty, -torch.ones_like(xmin), xmin)
     xmax = torch.where(empty, torch.ones_like(xmax), xmax)
     scale = (xmax - xmin) / cfg.maxq
-    zero = torch.full_like(scale, (cfg.maxq + 1) / 2) if cfg.sym else torch.round(-xmin / scale)
-    return scale, zero
+    if cfg.sym:
+        return scale, torch.full_like(scale, (cfg.maxq + 1) / 2)
+    zero = torch.round(-xmin / scale)
+    # the v1 format stores zero − 1, so zero 0 would be stored as −1 (= 2^bits − 1) and read back as
+    # 2^bits by auto-gptq's kernels: keep zero ≥ 1 by stretching such groups' scale over maxq − 1 steps
+    low = zero < 1
+    scale = torch.where(low, xmax / (cfg.maxq - 1), scale)
+    return scale, torch.where(low, torch.ones_like(zero), zero)
 
 
 def quantize_codes(w, scale, zero, maxq: int) -> torch.Tensor:

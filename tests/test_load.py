@@ -1,0 +1,121 @@
+"""grokquant.load: GPTQ artifacts, GGUF files and bitsandbytes on the fly, against dequantized references."""
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import grokquant
+from grokquant.checkpoint import Checkpoint
+from grokquant.cli import main
+from grokquant.errors import GrokquantError
+from grokquant.export.gguf import convert
+from grokquant.generate import pick_token, sample_iter
+from grokquant.gguf_weights import GGUFWeights
+from grokquant.gptq_weights import GPTQWeights
+from grokquant.model import Grok2ForCausalLM
+from grokquant.qlinear import GPTQLinear, Int4Linear, Int8Linear
+from grokquant.recipe import GGUFRecipe
+from test_gptq_weights import make_artifact, one_thread  # noqa: F401 (autouse fixture)
+
+
+@pytest.fixture(scope="module")
+def int4_artifact(tiny_tp8, tmp_path_factory):
+    return make_artifact(tiny_tp8, tmp_path_factory.mktemp("load") / "w4g128")
+
+
+@pytest.fixture(scope="module")
+def mixed_artifact(tiny_tp8, tmp_path_factory):
+    return make_artifact(tiny_tp8, tmp_path_factory.mktemp("load") / "mixed", "gptq-w4g128-experts-w8-attn")
+
+
+def tokens(vocab, n=12, batch=2):
+    return torch.randint(0, vocab, (batch, n), generator=torch.Generator().manual_seed(0))
+
+
+def kinds(model):
+    return {type(m) for m in model.modules()}
+
+
+def test_gptq_int4_artifact_matches_its_dequantized_weights(int4_artifact):
+    reference = Grok2ForCausalLM.from_checkpoint(GPTQWeights(int4_artifact))
+    x = tokens(reference.cfg.vocab_size)
+    expected = reference(x)
+    fast = grokquant.load(int4_artifact)  # the package-level entry point
+    assert Int4Linear in kinds(fast) and fast.placement.layers == ["cpu", "cpu"]
+    assert fast.tokenizer_path.name == "tokenizer.tok.json"
+    torch.testing.assert_close(fast(x), expected, rtol=0, atol=1e-5 * expected.abs().max().item())
+    fallback = grokquant.load(int4_artifact, kernel="dequant")
+    assert GPTQLinear in kinds(fallback) and Int4Linear not in kinds(fallback)
+    torch.testing.assert_close(fallback(x), expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(fast(x), fallback(x), rtol=0, atol=1e-5 * expected.abs().max().item())
+
+
+def test_per_class_settings_pick_their_kernels(mixed_artifact):
+    reference = Grok2ForCausalLM.from_checkpoint(GPTQWeights(mixed_artifact))
+    model = grokquant.load(mixed_artifact)
+    layer = model.model.layers[0]
+    assert isinstance(layer.self_attn.q_proj, Int8Linear) and isinstance(layer.mlp.up_proj, Int8Linear)
+    assert isinstance(layer.block_sparse_moe.experts[3].w2, Int4Linear)
+    assert isinstance(model.lm_head, torch.nn.Linear)  # stored bf16, kept so
+    x = tokens(reference.cfg.vocab_size)
+    expected = reference(x)
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=1e-5 * expected.abs().max().item())
+
+
+def test_gguf_keeps_4bit_tensors_quantized(tiny_tp8, tmp_path):
+    path = convert(tiny_tp8, tmp_path / "m.gguf", GGUFRecipe("q4_k_m", "q4_k_m"))[0]
+    w = GGUFWeights(path)
+    reference = Grok2ForCausalLM.from_checkpoint(w, w.semantics)  # every tensor dequantized
+    model = grokquant.load(path)
+    assert model.sem.name == "llama.cpp"
+    assert isinstance(model.model.layers[0].block_sparse_moe.experts[0].w1, Int4Linear)  # Q4_K
+    assert type(model.model.layers[0].self_attn.k_proj) is torch.nn.Linear  # Q8_0: dequantized at load
+    x = tokens(reference.cfg.vocab_size)
+    expected = reference(x)
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=1e-5 * expected.abs().max().item())
+
+
+def test_bitsandbytes_on_the_fly(tiny_tp8):
+    bnb = pytest.importorskip("bitsandbytes")
+    reference = Grok2ForCausalLM.from_checkpoint(Checkpoint.open(tiny_tp8))
+    x = tokens(reference.cfg.vocab_size)
+    expected = reference(x)
+    for kind, module, bound in (("nf4", bnb.nn.Linear4bit, 0.15), ("int8", bnb.nn.Linear8bitLt, 0.03)):
+        model = grokquant.load(tiny_tp8, quantize=kind)
+        assert isinstance(model.model.layers[1].block_sparse_moe.experts[7].w3, module)
+        assert type(model.lm_head) is torch.nn.Linear
+        logits = model(x)
+        assert (logits - expected).norm() / expected.norm() < bound
+
+
+def test_bad_requests(int4_artifact, tiny_tp8, tmp_path):
+    with pytest.raises(GrokquantError, match="original checkpoint"):
+        grokquant.load(int4_artifact, quantize="nf4")
+    with pytest.raises(GrokquantError, match="kernel"):
+        grokquant.load(int4_artifact, kernel="fastest")
+    with pytest.raises(GrokquantError, match="no such file"):
+        grokquant.load(tmp_path / "missing")
+    with pytest.raises(GrokquantError, match="memory size"):
+        grokquant.load(int4_artifact, device_map="auto", max_memory={"cpu": "lots"})
+
+
+def test_sampling(int4_artifact):
+    model = grokquant.load(int4_artifact)
+    prompt = [5, 17, 42, 99]
+    greedy = list(sample_iter(model, prompt, 6))
+    assert greedy == model.generate(prompt, 6)
+    assert list(sample_iter(model, prompt, 6, top_p=1e-6, temperature=1.0)) == greedy  # the nucleus is the argmax
+    a = list(sample_iter(model, prompt, 12, temperature=1.5, seed=7))
+    assert a == list(sample_iter(model, prompt, 12, temperature=1.5, seed=7)) and a != greedy
+    probs = torch.tensor([0.5, 0.3, 0.2]).log()
+    draws = {pick_token(probs, 1.0, 0.6, torch.Generator().manual_seed(s)) for s in range(40)}
+    assert draws == {0, 1}  # 0.5 alone is short of 0.6; token 2 is outside the nucleus
+
+
+def test_run_streams_from_a_gptq_directory(int4_artifact):
+    res = CliRunner().invoke(main, ["run", str(int4_artifact), "--prompt", "The quick", "--max-new-tokens", "4",
+                                    "--temperature", "0.7", "--seed", "1"])
+    assert res.exit_code == 0, res.output
+    assert res.output.startswith("The quick") and len(res.output) > len("The quick\n")
+    res = CliRunner().invoke(main, ["run", str(int4_artifact), "--prompt", "x", "--top-p", "0"])
+    assert res.exit_code == 2 and "top-p" in res.output
