@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip
 TORCH  := torch==2.13.0
 DEMO   ?= demo-out
 
-.PHONY: venv install install-dev demo test test-slow bench clean
+.PHONY: venv install install-dev demo test test-slow test-interop bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -39,9 +39,26 @@ test: install-dev
 test-slow: install-dev
 	$(PY) -m pytest -q -m slow
 
+# auto-gptq's own QuantLinear reads our GPTQ artifacts (tests/test_gptq_interop.py, skipped elsewhere). A venv
+# of its own: auto-gptq 0.7.1 wants old transformers/peft/datasets. BUILD_CUDA_EXT=0 keeps an sdist build
+# (Pythons without a wheel) CPU-only; its setup.py imports torch, hence --no-build-isolation.
+INTEROP := .venv-interop
+
+$(INTEROP)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(INTEROP)
+	$(INTEROP)/bin/python -m pip install -q --upgrade pip setuptools wheel
+	$(INTEROP)/bin/python -m pip install -q $(TORCH)
+	BUILD_CUDA_EXT=0 $(INTEROP)/bin/python -m pip install -q --no-build-isolation auto-gptq==0.7.1 \
+		'transformers<4.46' 'peft<0.13' 'datasets<3'
+	$(INTEROP)/bin/python -m pip install -q -e . pytest
+	touch $@
+
+test-interop: $(INTEROP)/.installed
+	$(INTEROP)/bin/python -m pytest -q tests/test_gptq_interop.py -p no:cacheprovider
+
 bench: install-dev
 	$(PY) benchmarks/memory.py
 	$(PY) benchmarks/gguf_convert.py
 
 clean:
-	rm -rf $(VENV) $(DEMO) .pytest_cache
+	rm -rf $(VENV) $(INTEROP) $(DEMO) .pytest_cache
