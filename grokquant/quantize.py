@@ -29,6 +29,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from . import distributed
 from .calibrate import LayerStats, _Collector
 from .checkpoint import Checkpoint
 from .config import expert_name
@@ -86,22 +87,39 @@ def _importance(sum2: torch.Tensor, tokens: int) -> torch.Tensor:
     return sum2 / torch.tensor(float(tokens)) if tokens > 0 else torch.ones_like(sum2)
 
 
+def stack_costs(cfg) -> list[float]:
+    """Relative work of each stack of a layer (GPTQ: B · in² · (out + in)), in layer_stacks' order."""
+    shapes = cfg.layer_shapes(0)
+    costs = [float(shapes[f"model.layers.0.{linear}.weight"][1] ** 2 * sum(shapes[f"model.layers.0.{linear}.weight"]))
+             for linear in DENSE_LINEARS]
+    for proj in ("w1", "w3", "w2"):
+        out, inp = shapes[expert_name(0, 0, proj)]
+        costs.append(float(cfg.num_local_experts * inp ** 2 * (out + inp)))
+    return costs
+
+
 def layer_stacks(ckpt: Checkpoint, layer: int, stats: LayerStats, recipe: Recipe,
-                 weights: Callable[[str], torch.Tensor] | None = None) -> Iterator[Stack]:
-    """Every quantizable stack of a layer, with the statistics the recipe's coverage policy gives it.
+                 weights: Callable[[str], torch.Tensor] | None = None,
+                 only: set[int] | None = None) -> Iterator[tuple[int, Stack]]:
+    """(index, stack) for every quantizable stack of a layer (or those in `only`), with the statistics
+    the recipe's coverage policy gives it.
 
     `weights(name)` gives a weight (default: read from the checkpoint; the driver passes the layer it
     already loaded, so each weight is read from disk once)."""
     cfg = ckpt.config
     weights = weights or ckpt.tensor
     prefix = f"model.layers.{layer}."
-    for linear, (group, cls) in DENSE_LINEARS.items():
+    for i, (linear, (group, cls)) in enumerate(DENSE_LINEARS.items()):
+        if only is not None and i not in only:
+            continue
         name = prefix + linear + ".weight"
         H = stats.hessian.get(group)
-        yield Stack(cls, [name], weights(name).float()[None], None if H is None else H[None],
-                    _importance(stats.sum2[group], stats.count[group])[None], [False], stats.count[group])
+        yield i, Stack(cls, [name], weights(name).float()[None], None if H is None else H[None],
+                       _importance(stats.sum2[group], stats.count[group])[None], [False], stats.count[group])
     all_tokens = stats.count["mlp_gate_up"]
-    for proj in ("w1", "w3", "w2"):
+    for i, proj in enumerate(("w1", "w3", "w2"), start=len(DENSE_LINEARS)):
+        if only is not None and i not in only:
+            continue
         names = [expert_name(layer, e, proj) for e in range(cfg.num_local_experts)]
         W = torch.stack([weights(n).float() for n in names])
         Hs, imps, fallback, counts = [], [], [], []
@@ -123,8 +141,8 @@ def layer_stacks(ckpt: Checkpoint, layer: int, stats: LayerStats, recipe: Recipe
             imps.append(_importance(s, k))
             fallback.append(not covered and recipe.under_covered == "rtn")
             counts.append(n)
-        yield Stack("experts", names, W, torch.stack(Hs) if Hs[0] is not None else None, torch.stack(imps),
-                    fallback, min(counts))
+        yield i, Stack("experts", names, W, torch.stack(Hs) if Hs[0] is not None else None, torch.stack(imps),
+                       fallback, min(counts))
 
 
 def _all_token_statistics(layer_module, stats: LayerStats, recipe: Recipe, gelu_flavour: str,
@@ -174,19 +192,20 @@ def _int_stack(s: Stack, cfg: IntQuantConfig, method: str, device: str) -> IntQu
 
 
 def quantize_layer_int(ckpt: Checkpoint, layer: int, stats: LayerStats, recipe: GPTQRecipe,
-                       device: str = "cpu", weights: Callable[[str], torch.Tensor] | None = None) -> LayerResult:
-    """Every linear of one layer onto the recipe's integer grids, in the auto-gptq layout."""
+                       device: str = "cpu", weights: Callable[[str], torch.Tensor] | None = None,
+                       only: set[int] | None = None) -> LayerResult:
+    """The linears of one layer (or the stacks in `only`) onto the recipe's integer grids, auto-gptq layout."""
     from .export.gptq_format import gptq_tensors, packable
 
     res = LayerResult()
-    for s in layer_stacks(ckpt, layer, stats, recipe, weights):
+    for i, s in layer_stacks(ckpt, layer, stats, recipe, weights, only):
         qc = recipe.config_for(s.cls)
         if qc is None or not packable(s.W.shape[1], s.W.shape[2], qc.bits):
             continue
         q = _int_stack(s, qc, recipe.method, device)
         Wq = q.dequantize()
         s.W = s.W.cpu()
-        res.report.append({"class": s.cls, "bits": qc.bits, "error": _output_error(s.W, Wq, s.H),
+        res.report.append({"stack": i, "class": s.cls, "bits": qc.bits, "error": _output_error(s.W, Wq, s.H),
                            "rtn_error": _output_error(s.W, rtn(s.W, qc).dequantize(), s.H),
                            "min_tokens": s.min_tokens})
         for b, name in enumerate(s.names):
@@ -194,19 +213,23 @@ def quantize_layer_int(ckpt: Checkpoint, layer: int, stats: LayerStats, recipe: 
             for k, v in gptq_tensors(q, b, qc.bits).items():
                 res.tensors[f"{base}.{k}"] = v
             res.dequantized[name] = Wq[b]
+    return res
+
+
+def _keep_unquantized(ckpt: Checkpoint, layer: int, res: LayerResult) -> None:
     for name in ckpt.config.layer_shapes(layer):
         if name not in res.dequantized:
             res.tensors[name] = ckpt.tensor(name)  # norms, router and anything not packable stay bf16
-    return res
 
 
 # ---- gguf format: GGML grids ----------------------------------------------------------------------
 
 def quantize_layer_ggml(ckpt: Checkpoint, layer: int, stats: LayerStats, recipe: GGUFRecipe,
-                        types: dict[str, str], weights: Callable[[str], torch.Tensor] | None = None) -> LayerResult:
-    """Every quantized GGUF tensor of one layer (types: GGUF name -> GGML type), as GGML bytes."""
+                        types: dict[str, str], weights: Callable[[str], torch.Tensor] | None = None,
+                        only: set[int] | None = None) -> LayerResult:
+    """The quantized GGUF tensors of one layer (types: GGUF name -> GGML type), as GGML bytes."""
     res = LayerResult()
-    for s in layer_stacks(ckpt, layer, stats, recipe, weights):
+    for i, s in layer_stacks(ckpt, layer, stats, recipe, weights, only):
         s.W = s.W.cpu()  # the GGML quantizers run on the CPU
         gname = gguf_name(s.names[0])
         type_name = types[gname]
@@ -226,7 +249,7 @@ def quantize_layer_ggml(ckpt: Checkpoint, layer: int, stats: LayerStats, recipe:
             return q.dequantize(d.reshape(-1, d.shape[-1]), s.W.shape[2]).view(s.W.shape)
 
         Wq = dequant(data)
-        res.report.append({"class": s.cls, "bits": type_name, "error": _output_error(s.W, Wq, s.H),
+        res.report.append({"stack": i, "class": s.cls, "bits": type_name, "error": _output_error(s.W, Wq, s.H),
                            "rtn_error": _output_error(s.W, dequant(reference), s.H), "min_tokens": s.min_tokens})
         res.tensors[gname] = data if len(s.names) > 1 else data[0]
         res.dequantized.update({n: Wq[b] for b, n in enumerate(s.names)})
@@ -264,7 +287,12 @@ def _gguf_types(ckpt: Checkpoint, recipe: GGUFRecipe) -> dict[str, str]:
 def quantize(checkpoint: str | Path, out: str | Path, recipe: Recipe, tokens: torch.Tensor, force: bool = False,
              batch_size: int = 8, device: str = "cpu", rope: str = "plain",
              on_layer: Callable[[int], None] | None = None) -> Path:
-    """Write `out` (a GPTQ directory or a GGUF file) from calibration `tokens` [n_windows, seq_len]."""
+    """Write `out` (a GPTQ directory or a GGUF file) from calibration `tokens` [n_windows, seq_len].
+
+    Under torch.distributed (see grokquant/distributed.py) every rank calls this with the same
+    arguments; the layers' quantization work is split among them and rank 0 writes.
+    """
+    group = distributed.current()
     out = Path(out)
     if out.exists() and not force:
         raise GrokquantError(f"{out} exists (use --force to overwrite)")
@@ -276,18 +304,28 @@ def quantize(checkpoint: str | Path, out: str | Path, recipe: Recipe, tokens: to
     types = _gguf_types(ckpt, recipe) if gguf else {}
     hessians = not gguf or recipe.method == "gptq"
     work = out.with_name(f".{out.name}.partial")
-    fp = fingerprint(ckpt, recipe, tokens)
     state_file = work / "progress.json"
-    state = json.loads(state_file.read_text()) if state_file.exists() else None
-    if state is None or state.get("fingerprint") != fp:
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True)
-        state = {"fingerprint": fp, "done": 0, "report": []}
+    state, hidden = None, None
+    if group.is_main:
+        fp = fingerprint(ckpt, recipe, tokens)
+        state = json.loads(state_file.read_text()) if state_file.exists() else None
+        if state is None or state.get("fingerprint") != fp:
+            shutil.rmtree(work, ignore_errors=True)
+            work.mkdir(parents=True)
+            state = {"fingerprint": fp, "done": 0, "report": []}
+        if state["done"]:
+            hidden = torch.load(work / "hidden.pt")
+    state = group.broadcast(state)
     n_layers = cfg.num_hidden_layers
     parts = [f"model-{i + 1:05d}-of-{n_layers + 1:05d}.safetensors" for i in range(n_layers + 1)]
+    owner = distributed.assign(stack_costs(cfg), group.world)
+    mine = {i for i, r in enumerate(owner) if r == group.rank}
 
     model = Grok2ForCausalLM.empty(cfg, "sglang")
-    hidden = torch.load(work / "hidden.pt") if state["done"] else model.embed_streamed(ckpt.tensor, tokens, batch_size)
+    if state["done"]:
+        hidden = group.broadcast(hidden)
+    else:
+        hidden = model.embed_streamed(ckpt.tensor, tokens, batch_size)
     positions = torch.arange(tokens.shape[1], device=device)
     rope_tables = tuple(t.to(device) for t in rope_cos_sin(positions, cfg, model.sem))
 
@@ -319,29 +357,52 @@ def quantize(checkpoint: str | Path, out: str | Path, recipe: Recipe, tokens: to
             return module.get_parameter(name[len(prefix):]).detach()
 
         if gguf:
-            result = quantize_layer_ggml(ckpt, layer, stats, recipe, types, loaded)
+            result = quantize_layer_ggml(ckpt, layer, stats, recipe, types, loaded, mine)
         else:
-            result = quantize_layer_int(ckpt, layer, stats, recipe, device, loaded)
+            result = quantize_layer_int(ckpt, layer, stats, recipe, device, loaded, mine)
+        del stats
+        results = group.gather(result, everywhere=recipe.sequential)
+        if results is not None:
+            result = _merge(results)
+            if not gguf:
+                _keep_unquantized(ckpt, layer, result)
         if recipe.sequential:  # the next layer sees what the quantized layer computes
             model.load_layer(layer, lambda n: result.dequantized.get(n, ckpt.tensor(n)), torch.float32, device)
             outputs = run(layer)
         hidden = outputs
         model.unload_layer(layer)
-        save_file(result.tensors, str(work / parts[layer]), metadata={"format": "pt"})
-        torch.save(hidden, work / "hidden.tmp")
-        os.replace(work / "hidden.tmp", work / "hidden.pt")
         state["done"] = layer + 1
-        state["report"] += result.report
-        state_file.write_text(json.dumps(state))
+        state["report"] += result.report if group.is_main else []
+        if group.is_main:
+            save_file(result.tensors, str(work / parts[layer]), metadata={"format": "pt"})
+            torch.save(hidden, work / "hidden.tmp")
+            os.replace(work / "hidden.tmp", work / "hidden.pt")
+            state_file.write_text(json.dumps(state))
+        del result, results
         if on_layer:
             on_layer(layer)
 
-    report = summarize(state["report"])
-    if gguf:
-        _assemble_gguf(ckpt, checkpoint, work, parts[:n_layers], out, recipe, rope, report)
-    else:
-        _finish_gptq(ckpt, work, parts, out, recipe, report)
+    if group.is_main:
+        report = summarize(state["report"])
+        if gguf:
+            _assemble_gguf(ckpt, checkpoint, work, parts[:n_layers], out, recipe, rope, report)
+        else:
+            _finish_gptq(ckpt, work, parts, out, recipe, report)
+    group.barrier()  # every rank returns once the output is in place
     return out
+
+
+def _merge(results: list[LayerResult]) -> LayerResult:
+    """One layer's result from the ranks' parts, in stack order (as a single process makes it)."""
+    merged = LayerResult()
+    for part in results:
+        merged.tensors.update(part.tensors)
+        merged.dequantized.update(part.dequantized)
+        merged.report += part.report
+    merged.report.sort(key=lambda r: r["stack"])
+    order = {n: i for i, n in enumerate(sorted(merged.tensors))}
+    merged.tensors = dict(sorted(merged.tensors.items(), key=lambda kv: order[kv[0]]))
+    return merged
 
 
 def read_report(artifact: str | Path) -> list[dict]:
