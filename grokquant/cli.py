@@ -239,13 +239,18 @@ def quantize(checkpoint, output, recipe, data, n_tokens, seq_len, seed, chat, de
     rec = load_recipe(recipe)
     if isinstance(rec, GGUFRecipe) and not rec.calibrated:
         raise GrokquantError(f"recipe {rec.name} is not calibrated (method reference): use `grokquant convert`")
-    device = resolve_device(device)
+    from .distributed import init_from_env
+
+    group, device = init_from_env(resolve_device(device))  # torchrun: one rank of many
     with Checkpoint.open(checkpoint) as ckpt:
         tokens = calibration_tokens(load_tokenizer(ckpt.tokenizer_path), data, n_tokens, seq_len, seed, chat)
         n_layers = ckpt.config.num_hidden_layers
-    with tqdm(total=n_layers, unit="layer", desc=f"quantize {rec.name}", file=sys.stderr) as bar:
+    desc = f"quantize {rec.name}" + (f" ({group.world} ranks)" if group.world > 1 else "")
+    with tqdm(total=n_layers, unit="layer", desc=desc, file=sys.stderr, disable=not group.is_main) as bar:
         out = run_quantize(checkpoint, output, rec, tokens, force=force, batch_size=batch_size, device=device,
                            rope=rope, on_layer=lambda l: bar.update(1))
+    if not group.is_main:
+        return
     files = list(out.glob("*.safetensors")) if out.is_dir() else [out]
     size = sum(f.stat().st_size for f in files)
     click.echo(f"{'class':<12}{'bits':>7}{'calib. error vs RTN':>21}{'fewest tokens':>15}")
