@@ -49,6 +49,7 @@ class _Collector:
 
     def __init__(self, layer_module: torch.nn.Module, stats: LayerStats, hessians: bool):
         self.stats, self.hessians, self.handles = stats, hessians, []
+        self.active = True  # False: forward passes that must not count (e.g. through quantized weights)
         for name, module in layer_module.named_modules():
             group = group_of(name)
             if group is not None:
@@ -56,6 +57,8 @@ class _Collector:
 
     def _hook(self, group: str):
         def hook(module, args):
+            if not self.active:
+                return
             x = args[0].reshape(-1, args[0].shape[-1]).float()
             s = self.stats
             if group not in s.sum2:

@@ -223,10 +223,13 @@ def calibrate(checkpoint, output, data, n_tokens, seq_len, seed, chat, imatrix_o
 @click.option("--device", default="auto", show_default=True,
               help="cpu, cuda, cuda:N or auto (a GPU when there is one): where layers, Hessians and GPTQ run.")
 @click.option("--batch-size", default=8, show_default=True, help="Sequences pushed through a layer at once.")
+@click.option("--expert-batch", type=int, help="Experts loaded and quantized together [default: all]; "
+              "1 holds one expert at a time (real Grok 2 widths on a 24 GB machine).")
 @click.option("--rope", default="plain", show_default=True, type=click.Choice(["plain", "yarn"]),
               help="GGUF output only: RoPE keys written (see `convert`).")
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
-def quantize(checkpoint, output, recipe, data, n_tokens, seq_len, seed, chat, device, batch_size, rope, force):
+def quantize(checkpoint, output, recipe, data, n_tokens, seq_len, seed, chat, device, batch_size, expert_batch,
+             rope, force):
     """Calibrated quantization (GPTQ directory or GGUF file); resumes after an interruption."""
     from tqdm import tqdm
 
@@ -248,7 +251,7 @@ def quantize(checkpoint, output, recipe, data, n_tokens, seq_len, seed, chat, de
     desc = f"quantize {rec.name}" + (f" ({group.world} ranks)" if group.world > 1 else "")
     with tqdm(total=n_layers, unit="layer", desc=desc, file=sys.stderr, disable=not group.is_main) as bar:
         out = run_quantize(checkpoint, output, rec, tokens, force=force, batch_size=batch_size, device=device,
-                           rope=rope, on_layer=lambda l: bar.update(1))
+                           rope=rope, expert_batch=expert_batch, on_layer=lambda l: bar.update(1))
     if not group.is_main:
         return
     files = list(out.glob("*.safetensors")) if out.is_dir() else [out]

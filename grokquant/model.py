@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -222,13 +222,18 @@ class SparseMoE(nn.Module):
         x = x.reshape(-1, shape[-1])
         weights, ids = self.route(x, sem)
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-        for e, expert in enumerate(self.experts):
-            token, slot = torch.nonzero(ids == e, as_tuple=True)
-            if token.numel() == 0:
-                continue
-            y = expert(x[token], sem.gelu).float()
-            out.index_add_(0, token, y * weights[token, slot, None])
+        for e in range(len(self.experts)):
+            self.add_expert(e, x, weights, ids, sem, out)
         return out.to(x.dtype).view(shape)
+
+    def add_expert(self, e: int, x, weights, ids, sem: Semantics, out: torch.Tensor | None) -> None:
+        """Expert e on the tokens of x [N, H] routed to it, weighted into out [N, H] (float32; None: only run)."""
+        token, slot = torch.nonzero(ids == e, as_tuple=True)
+        if token.numel() == 0:
+            return
+        y = self.experts[e](x[token], sem.gelu).float()
+        if out is not None:
+            out.index_add_(0, token, y * weights[token, slot, None])
 
 
 class DecoderLayer(nn.Module):
@@ -244,10 +249,17 @@ class DecoderLayer(nn.Module):
         self.post_moe_norm = RMSNorm(H, eps)
 
     def forward(self, h, positions, cos, sin, cache, layer: int, sem: Semantics):
+        h, m = self.attend(h, positions, cos, sin, cache, layer, sem)
+        return self.finish(h, self.mlp(m, sem.gelu), self.block_sparse_moe(m, sem), sem)
+
+    # the forward pass in parts, for passes that visit the experts one group at a time
+    def attend(self, h, positions, cos, sin, cache, layer: int, sem: Semantics):
+        """(h after the attention residual, the MLP/MoE input m)."""
         h = h + self.post_attn_norm(self.self_attn(self.pre_attn_norm(h), positions, cos, sin, cache, layer, sem))
-        m = self.pre_moe_norm(h)
-        f = (self.mlp(m, sem.gelu) + self.block_sparse_moe(m, sem)) * sem.residual_scale
-        return h + self.post_moe_norm(f)
+        return h, self.pre_moe_norm(h)
+
+    def finish(self, h, dense, moe, sem: Semantics):
+        return h + self.post_moe_norm((dense + moe) * sem.residual_scale)
 
 
 class Grok2Model(nn.Module):
@@ -288,10 +300,12 @@ class Grok2ForCausalLM(nn.Module):
     def load_globals(self, get: Callable[[str], torch.Tensor], dtype=torch.float32, device="cpu") -> None:
         self._assign(self, {n: get(n) for n in self.cfg.global_shapes()}, dtype, device)
 
-    def load_layer(self, layer: int, get: Callable[[str], torch.Tensor], dtype=torch.float32, device="cpu") -> None:
+    def load_layer(self, layer: int, get: Callable[[str], torch.Tensor], dtype=torch.float32, device="cpu",
+                   names: Iterable[str] | None = None) -> None:
+        """Assign layer `layer`'s weights (or only `names`) from get(release_name)."""
         prefix = f"model.layers.{layer}."
         module = self.model.layers[layer]
-        for name in self.cfg.layer_shapes(layer):  # one tensor at a time: no second copy of the layer
+        for name in names if names is not None else self.cfg.layer_shapes(layer):  # one tensor at a time
             local = name[len(prefix):]
             param = module.get_parameter(local)
             if param.device.type != "meta" and param.dtype == dtype:

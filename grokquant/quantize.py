@@ -1,17 +1,20 @@
 """`grokquant quantize`: calibrated quantization, one decoder layer at a time, resumable.
 
-One pass over the layers: load layer l, push the calibration hidden states through it while hooks
-collect each input group's statistics (experts: from the tokens the router sends them), quantize
-every linear of the layer (the 8 experts of a projection in one batch), store the layer's result,
-go on with the layer's outputs (the unquantized layer's, or in sequential mode the quantized
-layer's). Two outputs, by recipe format:
+One pass over the layers. For layer l: load its attention, dense MLP and router, push every batch of
+calibration hidden states through them while hooks collect each input group's statistics, and
+quantize those linears; then visit the experts in groups (all 8 at once by default, fewer to bound
+memory at real widths): load the group, run it on the tokens the router sends each expert
+(statistics from exactly those tokens), quantize its projections (one batch per projection), free
+it. The layer's outputs feed layer l+1 (the unquantized layer's, or in sequential mode the
+quantized layer's). Two outputs, by recipe format:
 
 - gptq: an auto-gptq directory (round-to-nearest or GPTQ onto integer grids, per tensor class);
 - gguf: a GGUF file whose decoder-layer weights were rounded onto the GGML grids with importance
   from the calibration (`imatrix`) or with GPTQ's error compensation (`gptq`, quant/gptq_ggml.py).
 
 Work is checkpointed per layer under `.OUT.partial` with a fingerprint of inputs and options, so a
-re-run after an interruption resumes and produces the same bytes.
+re-run after an interruption resumes and produces the same bytes. Under torchrun the stacks of a
+layer are split among the ranks (grokquant/distributed.py).
 """
 
 from __future__ import annotations
@@ -20,9 +23,9 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -32,31 +35,20 @@ from safetensors.torch import save_file
 from . import distributed
 from .calibrate import LayerStats, _Collector
 from .checkpoint import Checkpoint
-from .config import expert_name
+from .config import expert_name, parse_expert_name
 from .errors import GrokquantError
-from .gguf_names import gguf_name
-from .model import Grok2ForCausalLM, gelu, rope_cos_sin
-from .quant.ggml import QUANTIZERS
-from .quant.gptq import IntQuantConfig, IntQuantized, gptq, rtn
-from .quant.gptq_ggml import ggml_rtn, gptq_ggml
+from .model import Grok2ForCausalLM, rope_cos_sin
+from .quantize_layer import (LayerResult, Recipe, all_token_statistics, item_cost, join_ggml, layer_items,
+                             quantize_items)
 from .recipe import GGUFRecipe, GPTQRecipe
 
-FORMAT_VERSION = 2  # part of the resume fingerprint: bump when the per-layer output changes
-# linear -> (statistics group, tensor class)
-DENSE_LINEARS = {
-    "self_attn.q_proj": ("attn_qkv", "attention"), "self_attn.k_proj": ("attn_qkv", "attention"),
-    "self_attn.v_proj": ("attn_qkv", "attention"), "self_attn.o_proj": ("attn_o", "attention"),
-    "mlp.gate_proj": ("mlp_gate_up", "dense_mlp"), "mlp.up_proj": ("mlp_gate_up", "dense_mlp"),
-    "mlp.down_proj": ("mlp_down", "dense_mlp"),
-}
-EXPERT_GROUP = {"w1": "w13", "w3": "w13", "w2": "w2"}
+FORMAT_VERSION = 3  # part of the resume fingerprint: bump when the per-layer output changes
 REPORT_KEY = "grokquant.quantize_report"  # GGUF header key holding the per-class report (JSON)
-Recipe = GPTQRecipe | GGUFRecipe
 
 
-def fingerprint(ckpt: Checkpoint, recipe: Recipe, tokens: torch.Tensor) -> str:
+def fingerprint(ckpt: Checkpoint, recipe: Recipe, tokens: torch.Tensor, expert_batch: int) -> str:
     h = hashlib.sha256()
-    h.update(f"{FORMAT_VERSION}:{type(recipe).__name__}".encode())
+    h.update(f"{FORMAT_VERSION}:{type(recipe).__name__}:{expert_batch}".encode())
     h.update(json.dumps(asdict(ckpt.config), sort_keys=True).encode())
     for f in ckpt.files:
         st = f.stat()
@@ -65,198 +57,6 @@ def fingerprint(ckpt: Checkpoint, recipe: Recipe, tokens: torch.Tensor) -> str:
     h.update(tokens.numpy().tobytes())
     return h.hexdigest()
 
-
-# ---- the linears of one layer with their calibration statistics -----------------------------------------
-
-@dataclass
-class Stack:
-    """Matrices quantized together: one dense linear (B = 1) or the experts of one projection."""
-
-    cls: str  # attention | dense_mlp | experts
-    names: list[str]  # release names
-    W: torch.Tensor  # [B, out, in] float32
-    H: torch.Tensor | None  # [B, in, in] Σxxᵀ of each matrix's inputs (when collected)
-    importance: torch.Tensor  # [B, in] Σx² / tokens
-    fallback: list[bool]  # under-covered matrices quantized without calibration
-    min_tokens: int
-
-
-def _importance(sum2: torch.Tensor, tokens: int) -> torch.Tensor:
-    """Mean x² per column in float32, as llama-quantize reads an imatrix (1.0 where no token came)."""
-    sum2 = sum2.float()
-    return sum2 / torch.tensor(float(tokens)) if tokens > 0 else torch.ones_like(sum2)
-
-
-def stack_costs(cfg) -> list[float]:
-    """Relative work of each stack of a layer (GPTQ: B · in² · (out + in)), in layer_stacks' order."""
-    shapes = cfg.layer_shapes(0)
-    costs = [float(shapes[f"model.layers.0.{linear}.weight"][1] ** 2 * sum(shapes[f"model.layers.0.{linear}.weight"]))
-             for linear in DENSE_LINEARS]
-    for proj in ("w1", "w3", "w2"):
-        out, inp = shapes[expert_name(0, 0, proj)]
-        costs.append(float(cfg.num_local_experts * inp ** 2 * (out + inp)))
-    return costs
-
-
-def layer_stacks(ckpt: Checkpoint, layer: int, stats: LayerStats, recipe: Recipe,
-                 weights: Callable[[str], torch.Tensor] | None = None,
-                 only: set[int] | None = None) -> Iterator[tuple[int, Stack]]:
-    """(index, stack) for every quantizable stack of a layer (or those in `only`), with the statistics
-    the recipe's coverage policy gives it.
-
-    `weights(name)` gives a weight (default: read from the checkpoint; the driver passes the layer it
-    already loaded, so each weight is read from disk once)."""
-    cfg = ckpt.config
-    weights = weights or ckpt.tensor
-    prefix = f"model.layers.{layer}."
-    for i, (linear, (group, cls)) in enumerate(DENSE_LINEARS.items()):
-        if only is not None and i not in only:
-            continue
-        name = prefix + linear + ".weight"
-        H = stats.hessian.get(group)
-        yield i, Stack(cls, [name], weights(name).float()[None], None if H is None else H[None],
-                       _importance(stats.sum2[group], stats.count[group])[None], [False], stats.count[group])
-    all_tokens = stats.count["mlp_gate_up"]
-    for i, proj in enumerate(("w1", "w3", "w2"), start=len(DENSE_LINEARS)):
-        if only is not None and i not in only:
-            continue
-        names = [expert_name(layer, e, proj) for e in range(cfg.num_local_experts)]
-        W = torch.stack([weights(n).float() for n in names])
-        Hs, imps, fallback, counts = [], [], [], []
-        for e in range(cfg.num_local_experts):
-            g = f"expert{e}_{EXPERT_GROUP[proj]}"
-            n = stats.count.get(g, 0)
-            own_H = stats.hessian.get(g, torch.zeros(W.shape[2], W.shape[2])) if stats.hessian else None
-            own_s = stats.sum2.get(g, torch.zeros(W.shape[2])).float()
-            covered = n >= recipe.min_tokens
-            if covered or recipe.under_covered == "rtn":
-                H, s, k = own_H, own_s, n
-            elif recipe.under_covered == "all-tokens":
-                H, s, k = stats.hessian.get(g + "_all"), stats.sum2[g + "_all"], all_tokens
-            else:  # prior: the expert's own tokens plus min_tokens tokens' worth of the all-token average
-                w = recipe.min_tokens / all_tokens
-                H = None if own_H is None else own_H + stats.hessian[g + "_all"] * w
-                s, k = own_s + stats.sum2[g + "_all"] * w, n + recipe.min_tokens
-            Hs.append(H)
-            imps.append(_importance(s, k))
-            fallback.append(not covered and recipe.under_covered == "rtn")
-            counts.append(n)
-        yield i, Stack("experts", names, W, torch.stack(Hs) if Hs[0] is not None else None, torch.stack(imps),
-                       fallback, min(counts))
-
-
-def _all_token_statistics(layer_module, stats: LayerStats, recipe: Recipe, gelu_flavour: str,
-                          m: torch.Tensor, hessians: bool) -> None:
-    """Statistics of under-covered experts as if every calibration token m [N, H] were routed to them."""
-    for e, expert in enumerate(layer_module.block_sparse_moe.experts):
-        if stats.count.get(f"expert{e}_w13", 0) >= recipe.min_tokens:
-            continue
-        stats.sum2[f"expert{e}_w13_all"] = stats.sum2["mlp_gate_up"]  # the same input m, all tokens
-        a = gelu(expert.w1(m), gelu_flavour) * expert.w3(m)
-        stats.sum2[f"expert{e}_w2_all"] = a.pow(2).sum(0, dtype=torch.float64)
-        if hessians:
-            stats.hessian[f"expert{e}_w13_all"] = stats.hessian["mlp_gate_up"]
-            stats.hessian[f"expert{e}_w2_all"] = a.T @ a
-
-
-def _output_error(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor | None) -> float | None:
-    """Σ_b ‖(W_b − Ŵ_b) X_b‖² = tr(D H Dᵀ) from the calibration Hessians."""
-    if H is None:
-        return None
-    D = Wq - W
-    return float(torch.einsum("boi,bij,boj->", D, H, D))
-
-
-@dataclass
-class LayerResult:
-    tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # as stored for the layer
-    dequantized: dict[str, torch.Tensor] = field(default_factory=dict)  # release name -> represented weights
-    report: list[dict] = field(default_factory=list)  # per stack: class, bits/type, errors, fewest tokens
-
-
-# ---- gptq format: integer grids -------------------------------------------------------------------
-
-def _int_stack(s: Stack, cfg: IntQuantConfig, method: str, device: str) -> IntQuantized:
-    """Batched GPTQ with round-to-nearest for the matrices flagged as fallback."""
-    W = s.W.to(device)
-    if method == "rtn" or all(s.fallback):
-        q = rtn(W, cfg)
-    else:
-        q = gptq(W, s.H.to(device), cfg)
-        if any(s.fallback):
-            r = rtn(W, cfg)
-            for b, fb in enumerate(s.fallback):
-                if fb:
-                    q.codes[b], q.scales[b], q.zeros[b], q.g_idx[b] = r.codes[b], r.scales[b], r.zeros[b], r.g_idx[b]
-    return IntQuantized(*(t.cpu() for t in (q.codes, q.scales, q.zeros, q.g_idx)))
-
-
-def quantize_layer_int(ckpt: Checkpoint, layer: int, stats: LayerStats, recipe: GPTQRecipe,
-                       device: str = "cpu", weights: Callable[[str], torch.Tensor] | None = None,
-                       only: set[int] | None = None) -> LayerResult:
-    """The linears of one layer (or the stacks in `only`) onto the recipe's integer grids, auto-gptq layout."""
-    from .export.gptq_format import gptq_tensors, packable
-
-    res = LayerResult()
-    for i, s in layer_stacks(ckpt, layer, stats, recipe, weights, only):
-        qc = recipe.config_for(s.cls)
-        if qc is None or not packable(s.W.shape[1], s.W.shape[2], qc.bits):
-            continue
-        q = _int_stack(s, qc, recipe.method, device)
-        Wq = q.dequantize()
-        s.W = s.W.cpu()
-        res.report.append({"stack": i, "class": s.cls, "bits": qc.bits, "error": _output_error(s.W, Wq, s.H),
-                           "rtn_error": _output_error(s.W, rtn(s.W, qc).dequantize(), s.H),
-                           "min_tokens": s.min_tokens})
-        for b, name in enumerate(s.names):
-            base = name[: -len(".weight")]
-            for k, v in gptq_tensors(q, b, qc.bits).items():
-                res.tensors[f"{base}.{k}"] = v
-            res.dequantized[name] = Wq[b]
-    return res
-
-
-def _keep_unquantized(ckpt: Checkpoint, layer: int, res: LayerResult) -> None:
-    for name in ckpt.config.layer_shapes(layer):
-        if name not in res.dequantized:
-            res.tensors[name] = ckpt.tensor(name)  # norms, router and anything not packable stay bf16
-
-
-# ---- gguf format: GGML grids ----------------------------------------------------------------------
-
-def quantize_layer_ggml(ckpt: Checkpoint, layer: int, stats: LayerStats, recipe: GGUFRecipe,
-                        types: dict[str, str], weights: Callable[[str], torch.Tensor] | None = None,
-                        only: set[int] | None = None) -> LayerResult:
-    """The quantized GGUF tensors of one layer (types: GGUF name -> GGML type), as GGML bytes."""
-    res = LayerResult()
-    for i, s in layer_stacks(ckpt, layer, stats, recipe, weights, only):
-        s.W = s.W.cpu()  # the GGML quantizers run on the CPU
-        gname = gguf_name(s.names[0])
-        type_name = types[gname]
-        if type_name in ("F32", "F16", "BF16"):
-            continue  # written from the checkpoint as it is
-        q = QUANTIZERS[type_name]
-        reference = ggml_rtn(s.W, type_name)
-        if recipe.method == "gptq" and not all(s.fallback):
-            data = gptq_ggml(s.W, s.H, type_name, recipe.damp)
-        else:
-            data = ggml_rtn(s.W, type_name, s.importance)
-        for b, fb in enumerate(s.fallback):
-            if fb:
-                data[b] = reference[b]
-
-        def dequant(d):
-            return q.dequantize(d.reshape(-1, d.shape[-1]), s.W.shape[2]).view(s.W.shape)
-
-        Wq = dequant(data)
-        res.report.append({"stack": i, "class": s.cls, "bits": type_name, "error": _output_error(s.W, Wq, s.H),
-                           "rtn_error": _output_error(s.W, dequant(reference), s.H), "min_tokens": s.min_tokens})
-        res.tensors[gname] = data if len(s.names) > 1 else data[0]
-        res.dequantized.update({n: Wq[b] for b, n in enumerate(s.names)})
-    return res
-
-
-# ---- the layer-streamed driver ----------------------------------------------------------------------------
 
 def summarize(reports: list[dict]) -> list[dict]:
     """Per tensor class: bits, output-error reduction versus round-to-nearest, fewest tokens."""
@@ -283,14 +83,44 @@ def _gguf_types(ckpt: Checkpoint, recipe: GGUFRecipe) -> dict[str, str]:
     return {t.name: t.type.name for t in plan(ckpt.config, recipe, has_imatrix=True)}
 
 
+@dataclass
+class _Batch:
+    """One batch of calibration sequences inside a layer: what the experts need and what finishes it."""
+
+    h: torch.Tensor  # after the attention residual [B, T, H]
+    x: torch.Tensor  # MLP / MoE input, flattened [N, H]
+    dense: torch.Tensor  # dense MLP output [B, T, H]
+    weights: torch.Tensor  # router weights [N, k]
+    ids: torch.Tensor  # router choices [N, k]
+    moe: torch.Tensor  # experts' weighted sum, accumulated group by group [N, H] float32
+
+
+def _exchange(group: distributed.Group, results: Iterable[LayerResult], everywhere: bool) -> LayerResult | None:
+    """This rank's results joined with every other rank's, in item order (None on ranks that get nothing)."""
+    local = LayerResult()
+    for r in results:
+        local.add(r)
+    if not everywhere:  # only the names are needed from here on
+        local.dequantized = dict.fromkeys(local.dequantized)
+    parts = group.gather(local, everywhere)
+    if parts is None:
+        return None
+    merged = LayerResult()
+    for part in parts:
+        merged.add(part)
+    merged.report.sort(key=lambda r: r["stack"])
+    merged.tensors = dict(sorted(merged.tensors.items()))
+    return merged
+
+
 @torch.no_grad()
 def quantize(checkpoint: str | Path, out: str | Path, recipe: Recipe, tokens: torch.Tensor, force: bool = False,
-             batch_size: int = 8, device: str = "cpu", rope: str = "plain",
+             batch_size: int = 8, device: str = "cpu", rope: str = "plain", expert_batch: int | None = None,
              on_layer: Callable[[int], None] | None = None) -> Path:
     """Write `out` (a GPTQ directory or a GGUF file) from calibration `tokens` [n_windows, seq_len].
 
-    Under torch.distributed (see grokquant/distributed.py) every rank calls this with the same
-    arguments; the layers' quantization work is split among them and rank 0 writes.
+    expert_batch: experts loaded and quantized together (default all; 1 bounds memory to one expert).
+    Under torch.distributed every rank calls this with the same arguments; rank 0 writes.
     """
     group = distributed.current()
     out = Path(out)
@@ -300,6 +130,9 @@ def quantize(checkpoint: str | Path, out: str | Path, recipe: Recipe, tokens: to
         raise GrokquantError(f"recipe {recipe.name} is not calibrated (method reference): use `grokquant convert`")
     ckpt = Checkpoint.open(checkpoint)
     cfg = ckpt.config
+    expert_batch = expert_batch or cfg.num_local_experts
+    if not 1 <= expert_batch <= cfg.num_local_experts:
+        raise GrokquantError(f"expert batch {expert_batch}: between 1 and {cfg.num_local_experts}")
     gguf = isinstance(recipe, GGUFRecipe)
     types = _gguf_types(ckpt, recipe) if gguf else {}
     hessians = not gguf or recipe.method == "gptq"
@@ -307,7 +140,7 @@ def quantize(checkpoint: str | Path, out: str | Path, recipe: Recipe, tokens: to
     state_file = work / "progress.json"
     state, hidden = None, None
     if group.is_main:
-        fp = fingerprint(ckpt, recipe, tokens)
+        fp = fingerprint(ckpt, recipe, tokens, expert_batch)
         state = json.loads(state_file.read_text()) if state_file.exists() else None
         if state is None or state.get("fingerprint") != fp:
             shutil.rmtree(work, ignore_errors=True)
@@ -318,67 +151,109 @@ def quantize(checkpoint: str | Path, out: str | Path, recipe: Recipe, tokens: to
     state = group.broadcast(state)
     n_layers = cfg.num_hidden_layers
     parts = [f"model-{i + 1:05d}-of-{n_layers + 1:05d}.safetensors" for i in range(n_layers + 1)]
-    owner = distributed.assign(stack_costs(cfg), group.world)
-    mine = {i for i, r in enumerate(owner) if r == group.rank}
+    items = layer_items(cfg, expert_batch)
+    owner = distributed.assign([item_cost(cfg, it) for it in items], group.world)
+    expert_groups = sorted({it.experts for it in items if it.proj is not None})
 
     model = Grok2ForCausalLM.empty(cfg, "sglang")
-    if state["done"]:
-        hidden = group.broadcast(hidden)
-    else:
-        hidden = model.embed_streamed(ckpt.tensor, tokens, batch_size)
+    sem = model.sem
+    hidden = group.broadcast(hidden) if state["done"] else model.embed_streamed(ckpt.tensor, tokens, batch_size)
     positions = torch.arange(tokens.shape[1], device=device)
-    rope_tables = tuple(t.to(device) for t in rope_cos_sin(positions, cfg, model.sem))
-
-    def run(layer):
-        return [model.run_layer(layer, h.to(device), positions, None, rope_tables).cpu() for h in hidden]
+    cos, sin = (t.to(device) for t in rope_cos_sin(positions, cfg, sem))
 
     for layer in range(state["done"], n_layers):
-        model.load_layer(layer, ckpt.tensor, torch.float32, device)
-        stats = LayerStats(layer)
         module = model.model.layers[layer]
-        collector = _Collector(module, stats, hessians=hessians)
-        moe_inputs: list[torch.Tensor] = []  # the experts' input for every token, when some may need it
-        keep = module.mlp.gate_proj.register_forward_pre_hook(
-            lambda m, args: moe_inputs.append(args[0].reshape(-1, args[0].shape[-1]))) \
-            if recipe.under_covered != "rtn" else None
-        try:
-            outputs = run(layer)
-        finally:
-            collector.remove()
-            if keep is not None:
-                keep.remove()
-        if keep is not None:
-            _all_token_statistics(module, stats, recipe, model.sem.gelu, torch.cat(moe_inputs), hessians)
-        stats.hessian = {k: v.cpu() for k, v in stats.hessian.items()}
-        stats.sum2 = {k: v.cpu() for k, v in stats.sum2.items()}
+        moe = module.block_sparse_moe
         prefix = f"model.layers.{layer}."
+        dense_names = [n for n in cfg.layer_shapes(layer) if not parse_expert_name(n)]
 
-        def loaded(name):  # the weights already in memory for the forward pass
+        def loaded(name):  # the weights already in memory for the forward pass: each is read from disk once
             return module.get_parameter(name[len(prefix):]).detach()
 
-        if gguf:
-            result = quantize_layer_ggml(ckpt, layer, stats, recipe, types, loaded, mine)
-        else:
-            result = quantize_layer_int(ckpt, layer, stats, recipe, device, loaded, mine)
-        del stats
-        results = group.gather(result, everywhere=recipe.sequential)
-        if results is not None:
-            result = _merge(results)
-            if not gguf:
-                _keep_unquantized(ckpt, layer, result)
-        if recipe.sequential:  # the next layer sees what the quantized layer computes
-            model.load_layer(layer, lambda n: result.dequantized.get(n, ckpt.tensor(n)), torch.float32, device)
-            outputs = run(layer)
-        hidden = outputs
+        def attend():
+            done = []
+            for h in hidden:
+                h1, m = module.attend(h.to(device), positions, cos, sin, None, layer, sem)
+                x = m.reshape(-1, m.shape[-1])
+                weights, ids = moe.route(x, sem)
+                done.append(_Batch(h1, x, module.mlp(m, sem.gelu), weights, ids,
+                                   torch.zeros(x.shape, dtype=torch.float32, device=x.device)))
+            return done
+
+        def statistics_to_cpu():  # the quantizers take them from here (GGML rounding runs on the CPU)
+            stats.hessian = {k: v.cpu() for k, v in stats.hessian.items()}
+            stats.sum2 = {k: v.cpu() for k, v in stats.sum2.items()}
+
+        def mine(selected):
+            return [it for it in selected if owner[it.index] == group.rank]
+
+        stats = LayerStats(layer)
+        collector = _Collector(module, stats, hessians=hessians)
+        written = LayerResult()  # what rank 0 stores for this layer
+        try:
+            model.load_layer(layer, ckpt.tensor, torch.float32, device, names=dense_names)
+            batches = attend()
+            statistics_to_cpu()
+            res = _exchange(group, quantize_items(mine([it for it in items if it.linear]), layer, stats, recipe,
+                                                  loaded, types, device), recipe.sequential)
+            if res is not None:
+                written.add(res)
+            for key in ("attn_qkv", "attn_o", "mlp_down") + (("mlp_gate_up",) if recipe.under_covered == "rtn" else ()):
+                stats.hessian.pop(key, None)  # done with; mlp_gate_up is every token's MoE input Hessian
+            outputs = batches
+            if recipe.sequential:  # the quantized attention and dense MLP feed the experts' outputs
+                collector.active = False
+                model.load_layer(layer, lambda n: res.dequantized[n] if n in res.dequantized else ckpt.tensor(n),
+                                 torch.float32, device, names=dense_names)
+                outputs = attend()
+            for first, last in expert_groups:
+                experts = range(first, last)
+                names = [expert_name(layer, e, p) for e in experts for p in ("w1", "w3", "w2")]
+                model.load_layer(layer, ckpt.tensor, torch.float32, device, names=names)
+                collector.active = True
+                for b in batches:
+                    for e in experts:
+                        moe.add_expert(e, b.x, b.weights, b.ids, sem, None if recipe.sequential else b.moe)
+                if recipe.under_covered != "rtn":
+                    all_token_statistics(module, experts, stats, recipe, sem.gelu, torch.cat([b.x for b in batches]),
+                                         hessians)
+                collector.active = False
+                statistics_to_cpu()
+                res = _exchange(group, quantize_items(mine([it for it in items if it.experts == (first, last)]),
+                                                      layer, stats, recipe, loaded, types, device), recipe.sequential)
+                if res is not None:
+                    written.add(res)
+                if recipe.sequential:
+                    model.load_layer(layer, lambda n: res.dequantized[n] if n in res.dequantized else ckpt.tensor(n),
+                                     torch.float32, device, names=names)
+                    for b in outputs:
+                        for e in experts:
+                            moe.add_expert(e, b.x, b.weights, b.ids, sem, b.moe)
+                for e in experts:  # this group's memory goes before the next group's arrives
+                    moe.experts[e].to("meta")
+                    for key in [k for k in stats.hessian if k.startswith(f"expert{e}_")]:
+                        del stats.hessian[key]
+                del res
+        finally:
+            collector.remove()
+        hidden = [module.finish(b.h, b.dense, b.moe.view(b.h.shape), sem).cpu() for b in outputs]
+        del batches, outputs, stats
         model.unload_layer(layer)
         state["done"] = layer + 1
-        state["report"] += result.report if group.is_main else []
         if group.is_main:
-            save_file(result.tensors, str(work / parts[layer]), metadata={"format": "pt"})
+            if gguf:
+                tensors = join_ggml(written.tensors)
+            else:
+                tensors = written.tensors
+                for name in cfg.layer_shapes(layer):
+                    if name not in written.dequantized:  # norms, router and anything not packable stay bf16
+                        tensors[name] = ckpt.tensor(name)
+            save_file(tensors, str(work / parts[layer]), metadata={"format": "pt"})
             torch.save(hidden, work / "hidden.tmp")
             os.replace(work / "hidden.tmp", work / "hidden.pt")
+            state["report"] += written.report
             state_file.write_text(json.dumps(state))
-        del result, results
+        del written
         if on_layer:
             on_layer(layer)
 
@@ -390,19 +265,6 @@ def quantize(checkpoint: str | Path, out: str | Path, recipe: Recipe, tokens: to
             _finish_gptq(ckpt, work, parts, out, recipe, report)
     group.barrier()  # every rank returns once the output is in place
     return out
-
-
-def _merge(results: list[LayerResult]) -> LayerResult:
-    """One layer's result from the ranks' parts, in stack order (as a single process makes it)."""
-    merged = LayerResult()
-    for part in results:
-        merged.tensors.update(part.tensors)
-        merged.dequantized.update(part.dequantized)
-        merged.report += part.report
-    merged.report.sort(key=lambda r: r["stack"])
-    order = {n: i for i, n in enumerate(sorted(merged.tensors))}
-    merged.tensors = dict(sorted(merged.tensors.items(), key=lambda kv: order[kv[0]]))
-    return merged
 
 
 def read_report(artifact: str | Path) -> list[dict]:
