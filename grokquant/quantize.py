@@ -37,6 +37,7 @@ from .calibrate import LayerStats, _Collector
 from .checkpoint import Checkpoint
 from .config import expert_name, parse_expert_name
 from .errors import GrokquantError
+from .memory import release_freed_memory
 from .model import Grok2ForCausalLM, rope_cos_sin
 from .quantize_layer import (LayerResult, Recipe, all_token_statistics, item_cost, join_ggml, layer_items,
                              quantize_items)
@@ -206,6 +207,10 @@ def quantize(checkpoint: str | Path, out: str | Path, recipe: Recipe, tokens: to
                 model.load_layer(layer, lambda n: res.dequantized[n] if n in res.dequantized else ckpt.tensor(n),
                                  torch.float32, device, names=dense_names)
                 outputs = attend()
+            module.self_attn.to("meta")  # only the norms are still needed (to finish the layer)
+            module.mlp.to("meta")
+            moe.gate.to("meta")
+            release_freed_memory()
             for first, last in expert_groups:
                 experts = range(first, last)
                 names = [expert_name(layer, e, p) for e in experts for p in ("w1", "w3", "w2")]
@@ -234,6 +239,7 @@ def quantize(checkpoint: str | Path, out: str | Path, recipe: Recipe, tokens: to
                     for key in [k for k in stats.hessian if k.startswith(f"expert{e}_")]:
                         del stats.hessian[key]
                 del res
+                release_freed_memory()
         finally:
             collector.remove()
         hidden = [module.finish(b.h, b.dense, b.moe.view(b.h.shape), sem).cpu() for b in outputs]

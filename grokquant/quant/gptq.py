@@ -84,6 +84,14 @@ def rtn(W: torch.Tensor, cfg: IntQuantConfig) -> IntQuantized:
                         g_idx)
 
 
+def upper_cholesky_of_inverse(H: torch.Tensor) -> torch.Tensor:
+    """U with UᵀU = H⁻¹ (H damped), holding at most two in×in matrices besides the caller's H."""
+    L = torch.linalg.cholesky(H)
+    Hinv = torch.cholesky_inverse(L)
+    del L
+    return torch.linalg.cholesky(Hinv, upper=True)
+
+
 @torch.no_grad()
 def gptq(W: torch.Tensor, H: torch.Tensor, cfg: IntQuantConfig) -> IntQuantized:
     """GPTQ (Frantar et al. 2022) for a stack of matrices with their own Hessians."""
@@ -110,8 +118,8 @@ def gptq(W: torch.Tensor, H: torch.Tensor, cfg: IntQuantConfig) -> IntQuantized:
 
     damp = cfg.damp * torch.diagonal(H, dim1=1, dim2=2).mean(-1)
     H.diagonal(dim1=1, dim2=2).add_(damp[:, None])
-    L = torch.linalg.cholesky(H)
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)  # upper Cholesky of H^-1
+    Hinv = upper_cholesky_of_inverse(H)
+    del H
 
     codes = torch.zeros(B, rows, cols, device=W.device)
     if cfg.static_groups:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from .ggml import QUANTIZERS
+from .gptq import upper_cholesky_of_inverse
 
 
 def _quantize_block_columns(q, W: torch.Tensor, importance: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,7 +55,7 @@ def gptq_ggml(W: torch.Tensor, H: torch.Tensor, type_name: str, damp: float = 0.
     # 1/diag(U)² (the Schur complement diagonal) measured no better than diag H as block importance
     importance = torch.diagonal(H, dim1=1, dim2=2).clone()
     H.diagonal(dim1=1, dim2=2).add_((damp * torch.diagonal(H, dim1=1, dim2=2).mean(-1))[:, None])
-    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)  # H⁻¹ = UᵀU
+    U = upper_cholesky_of_inverse(H)  # H⁻¹ = UᵀU
     del H
 
     window = max(bs, window // bs * bs)
