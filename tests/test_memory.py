@@ -63,3 +63,25 @@ def test_convert_memory_is_bounded(checkpoints, tmp_path):
         assert m.returncode == 0, m.stderr
         peaks[n] = m.peak_rss
     assert peaks[8] - peaks[2] < 0.75 * LAYER_F32_BYTES, peaks
+
+
+QUANTIZE = """
+import sys, torch
+from grokquant.quantize import quantize
+from grokquant.recipe import GPTQRecipe
+tokens = torch.randint(0, 500, (4, 64), generator=torch.Generator().manual_seed(0))
+quantize(sys.argv[1], sys.argv[2], GPTQRecipe(method="rtn"), tokens, expert_batch=int(sys.argv[3]))
+"""
+
+
+def test_quantize_one_expert_at_a_time_bounds_memory(wide_tp8, tmp_path):
+    """--expert-batch 1 holds one expert's weights and Hessians, not all eight of the layer."""
+    base = python_measured(BASELINE).peak_rss
+    peaks = {}
+    for batch in (8, 1):
+        m = python_measured(QUANTIZE, str(wide_tp8), str(tmp_path / f"q{batch}"), str(batch))
+        assert m.returncode == 0, m.stderr[-2000:]
+        peaks[batch] = m.peak_rss - base
+    experts_f32 = 4 * 8 * (3 * 256 * 4096 + 4096 * 4096)  # weights plus w2 Hessians of 8 experts
+    print({k: f"{v / 2**20:.0f} MiB" for k, v in peaks.items()}, f"experts {experts_f32 / 2**20:.0f} MiB")
+    assert peaks[1] < peaks[8] - 0.5 * experts_f32
