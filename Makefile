@@ -32,6 +32,7 @@ demo: install
 	$(VENV)/bin/grokquant run $(DEMO)/grok2-tiny --prompt "The quick brown fox" --max-new-tokens 16
 	$(VENV)/bin/grokquant convert $(DEMO)/grok2-tiny -o $(DEMO)/grok2-tiny-q4_k_m.gguf --recipe q4_k_m
 	$(VENV)/bin/grokquant run $(DEMO)/grok2-tiny-q4_k_m.gguf --engine llama.cpp --prompt "The quick brown fox" --max-new-tokens 16
+	$(VENV)/bin/grokquant eval $(DEMO)/grok2-tiny $(DEMO)/grok2-tiny-q4_k_m.gguf --baseline $(DEMO)/grok2-tiny --engine both --ctx 256 --chunks 8
 
 test: install-dev
 	$(PY) -m pytest -q

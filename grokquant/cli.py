@@ -339,7 +339,7 @@ def plan(checkpoint, recipe, gpu_memory, n_gpus, ram, context, reserve):
               help="Compare against this artifact, or against logits saved by --save-baseline.")
 @click.option("--save-baseline", type=click.Path(dir_okay=False),
               help="Save the baseline's top-k log-probabilities (.safetensors) for reuse with --baseline.")
-@click.option("--top-k", default=64, show_default=True, help="Baseline log-probabilities kept per token.")
+@click.option("--top-k", default=256, show_default=True, help="Baseline log-probabilities kept per token.")
 @click.option("--engine", default="torch", show_default=True, type=click.Choice(["torch", "llama.cpp", "both"]),
               help="How GGUF files run: our model, llama.cpp (llama-cpp-python), or a row for each.")
 @click.option("--semantics", type=click.Choice(["sglang", "llama.cpp", "llama.cpp-yarn"]),
