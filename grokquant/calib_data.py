@@ -21,10 +21,10 @@ def load_documents(data: str | Path, chat: bool = False) -> list[str]:
     JSON Lines take a `text` field, or `prompt` and `response` fields (rendered in Grok 2's chat
     format when `chat`, else joined by a blank line).
     """
-    if str(data) == "builtin":
-        from .corpus import documents
+    if str(data) == "builtin":  # the training split: the held-out documents are for evaluation
+        from .corpus import split_documents
 
-        return list(documents())
+        return split_documents("train")
     path = Path(data)
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES | {".jsonl"})

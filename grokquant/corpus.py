@@ -59,14 +59,19 @@ def documents() -> tuple[str, ...]:
     return tuple(docs)
 
 
-def builtin_text(split: str = "all", max_chars: int | None = None) -> str:
-    """The corpus as one string; split is "train", "heldout" or "all"."""
+def split_documents(split: str = "all") -> list[str]:
+    """The documents of one split: "train", "heldout" or "all"."""
     docs = documents()
     if split == "train":
-        docs = [d for i, d in enumerate(docs) if i % HOLDOUT_EVERY != HOLDOUT_EVERY - 1]
-    elif split == "heldout":
-        docs = [d for i, d in enumerate(docs) if i % HOLDOUT_EVERY == HOLDOUT_EVERY - 1]
-    elif split != "all":
+        return [d for i, d in enumerate(docs) if i % HOLDOUT_EVERY != HOLDOUT_EVERY - 1]
+    if split == "heldout":
+        return [d for i, d in enumerate(docs) if i % HOLDOUT_EVERY == HOLDOUT_EVERY - 1]
+    if split != "all":
         raise ValueError(f"unknown split {split!r}")
-    text = "\n\n".join(docs)
+    return list(docs)
+
+
+def builtin_text(split: str = "all", max_chars: int | None = None) -> str:
+    """The corpus as one string; split is "train", "heldout" or "all"."""
+    text = "\n\n".join(split_documents(split))
     return text[:max_chars] if max_chars else text
