@@ -186,14 +186,17 @@ def validate(path: Path, expected: list[PlannedTensor]) -> None:
             if info.shape != tuple(t.shape) or info.type.id != t.type.id:
                 raise GrokquantError(f"{path}: {t.name} is {info.type.name}{list(info.shape)}, "
                                      f"planned {t.type.name}{list(t.shape)}")
-            raw = f.raw(t.name)
-            if t.type.name in SCALE_FIELDS:
-                off, count = SCALE_FIELDS[t.type.name]
-                values, kind = raw.reshape(-1, t.type.block_bytes)[:, off:off + 2 * count].copy(), "F16"
-            else:
-                values, kind = raw, t.type.name
-            if not _all_finite(values, kind):
-                raise GrokquantError(f"{path}: {t.name} has non-finite scales or values")
+            rows = t.nbytes // t.type.row_bytes(t.shape[-1])
+            step = max(1, CHUNK_ELEMENTS // t.shape[-1])  # a chunk at a time: no copy of a whole stacked tensor
+            for first in range(0, rows, step):
+                raw = f.raw(t.name, first, min(step, rows - first))
+                if t.type.name in SCALE_FIELDS:
+                    off, count = SCALE_FIELDS[t.type.name]
+                    values, kind = raw.reshape(-1, t.type.block_bytes)[:, off:off + 2 * count].copy(), "F16"
+                else:
+                    values, kind = raw, t.type.name
+                if not _all_finite(values, kind):
+                    raise GrokquantError(f"{path}: {t.name} has non-finite scales or values")
     finally:
         f.close()
 
