@@ -207,6 +207,34 @@ options = {"expert_batch": expert_batch} if expert_batch else {}
 quantize(ckpt, out, load_recipe("gptq-w4g128"), tokens, force=True, **options)
 """
 
+# the real CLI path at real width, one expert at a time, with a line per work item (its seconds, the RSS
+# and the peak so far); it stops itself after the dense linears and `groups` expert groups, because each
+# further group repeats the same loads and frees (the whole layer would take hours on 2 cores)
+QUANTIZE_PROFILED = """
+import os, resource, sys, time, psutil, torch
+import grokquant.quantize as q
+from grokquant.recipe import load_recipe
+ckpt, out, vocab, n_tokens, seq_len, groups = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:])
+g = torch.Generator().manual_seed(0)
+tokens = torch.randint(vocab, (n_tokens // seq_len, seq_len), generator=g)
+plain, start = q.quantize_items, time.perf_counter()
+
+def profiled(items, *args, **kw):
+    t = time.perf_counter()
+    for item, result in zip(items, plain(items, *args, **kw)):
+        name = item.linear or f"experts[{item.experts[0]}:{item.experts[1]}].{item.proj}"
+        print(f"item {name} s {time.perf_counter() - t:.1f} at {time.perf_counter() - start:.1f} "
+              f"rss_gb {psutil.Process().memory_info().rss / 2**30:.2f} "
+              f"peak_gb {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f}", flush=True)
+        if item.proj == "w2" and item.experts[1] == groups:
+            os._exit(0)
+        yield result
+        t = time.perf_counter()
+
+q.quantize_items = profiled
+q.quantize(ckpt, out, load_recipe("gptq-w4g128"), tokens, force=True, expert_batch=1)
+"""
+
 GPTQ_PIECE = """
 import resource, sys, time, torch
 from grokquant.quant.gptq import gptq
@@ -267,6 +295,15 @@ class Bench:
                      "--type", t, "--force"), [ckpt], [out])
             if t != "bf16":
                 self.drop(out)
+
+    def calibrate(self, layers: int) -> None:
+        """The imatrix pass (no Hessians) with the CLI's default 8192 calibration tokens."""
+        ckpt = self.ckpt(layers)
+        stats, imatrix = self.cache / f"stats-L{layers}.safetensors", self.cache / f"L{layers}.imatrix.gguf"
+        self.run("grokquant calibrate --imatrix (8192 tokens)", layers,
+                 self.grokquant("calibrate", ckpt, "-o", stats, "--imatrix", imatrix, "--device", "cpu", "--force"),
+                 [ckpt], [stats, imatrix], group="calibrate")
+        self.drop(stats, imatrix)
 
     def grokquant(self, *args) -> list[str]:
         return [sys.executable, "-m", "grokquant", *map(str, args)]
@@ -345,6 +382,17 @@ class Bench:
                 row.extra = {"rows": rows, "cols": cols,
                              "seconds": float(fields[fields.index("gptq_seconds") + 1]),
                              "setup_rss": int(fields[fields.index("setup_rss") + 1])}
+
+
+    def gptq_full(self, groups: int, n_tokens: int, seq_len: int) -> None:
+        ckpt = self.ckpt(1)
+        out = self.cache / "gptq-full"
+        row, text = self.run(f"quantize gptq-w4g128, width {self.width.name}, experts x1, dense + {groups}/8 groups",
+                             1, python(QUANTIZE_PROFILED, ckpt, out, self.vocab, n_tokens, seq_len, groups),
+                             [ckpt], group="gptq-full")
+        row.extra = {"items": [line.split(maxsplit=1)[1] for line in text.splitlines() if line.startswith("item ")],
+                     "groups": groups}
+        self.drop(out, out.with_name(f".{out.name}.partial"))
 
 
 # ---- projections and the report ---------------------------------------------------------------------------
@@ -459,6 +507,20 @@ def report(bench: Bench) -> None:
                 a, b = fit
                 print(f"  {mode}: peak over baseline = {a / GB:.1f} GB x f² (weights, Hessians) + {b / GB:.2f} GB x f "
                       f"(activations of the calibration tokens) -> at width {width.name}: {(base + a + b) / GB:.1f} GB")
+    for r in rows:
+        if r.group == "gptq-full" and r.extra.get("items"):
+            print(f"\n{r.stage}: per work item (seconds, RSS after it, peak so far)")
+            for line in r.extra["items"]:
+                print(f"  {line}")
+            at = {f[0]: float(f[4]) for f in map(str.split, r.extra["items"])}  # seconds since the start
+            ends = [at["mlp.down_proj"]] + [at[f"experts[{e}:{e + 1}].w2"] for e in range(r.extra["groups"])
+                                            if f"experts[{e}:{e + 1}].w2" in at]
+            group = [b - a for a, b in zip(ends, ends[1:])]  # loading, routing, statistics and GPTQ of one expert
+            if group:
+                layer_s = ends[0] + 8 * max(group)
+                print(f"  peak {r.peak_rss / GB:.2f} GB; dense part {ends[0]:.0f} s, expert groups "
+                      f"{', '.join(f'{g:.0f}' for g in group)} s; a whole layer (8 groups, each as the slowest): "
+                      f"{layer_s:.0f} s; 64 layers: {64 * layer_s / 3600:.0f} h on these cores")
     layer = gptq_layer_seconds(rows, width)
     if layer:
         total, parts = layer
@@ -472,7 +534,11 @@ def main() -> None:
     ap.add_argument("--layers", type=int, nargs="+", help="layer counts for the convert path (default 1 2)")
     ap.add_argument("--vocab", type=int, help="reduced vocabulary (default 4096; --small 512)")
     ap.add_argument("--types", nargs="+", default=["q8_0", "q4_k_m"], help="convert types timed on every layer count")
-    ap.add_argument("--parts", nargs="+", default=["convert", "llama", "gptq"], choices=["convert", "llama", "gptq"])
+    ap.add_argument("--parts", nargs="+", default=["convert", "calibrate", "llama", "gptq"],
+                    choices=["convert", "calibrate", "llama", "gptq", "gptq-full"],
+                    help="gptq-full: quantize at real width with one expert at a time, profiled per work item "
+                         "(not in the default: hours)")
+    ap.add_argument("--groups", type=int, default=2, help="gptq-full: expert groups to run before stopping")
     ap.add_argument("--cache", type=Path, default=Path("/tmp/grokquant-scale"))
     ap.add_argument("--llama-deps", type=Path, help="folder with transformers + sentencepiece for llama.cpp's "
                                                     "converter (default CACHE/llpkgs)")
@@ -507,6 +573,10 @@ def main() -> None:
             bench.gptq([1.0], n_tokens=256, seq_len=64)
         else:
             bench.gptq([1 / 8, 1 / 4], n_tokens=8192, seq_len=512)
+    if "calibrate" in args.parts:
+        bench.calibrate(layers[0])
+    if "gptq-full" in args.parts:
+        bench.gptq_full(args.groups, n_tokens=256 if args.small else 8192, seq_len=64 if args.small else 512)
     report(bench)
     (cache / "results.json").write_text(json.dumps([asdict(r) for r in bench.rows], indent=1))
 

@@ -4,8 +4,10 @@ optionally the full Hessian Σxxᵀ that GPTQ uses.
 
 Inputs that share a matrix share statistics: q/k/v (one), dense gate/up (one), and per expert
 w1/w3 (one, from the tokens the router sends to that expert); each expert's w2 sees that expert's
-own intermediate activations. Memory: one layer's weights, the hidden states of all calibration
-tokens, and the statistics of one layer.
+own intermediate activations. A layer runs in parts: attention, router and dense MLP for every batch,
+then one expert at a time on the tokens routed to it (bit-identical to the whole layer's forward).
+Memory: the dense part's weights or one expert's, the hidden states of all calibration tokens, and
+the statistics of one layer.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class LayerStats:
     sum2: dict[str, torch.Tensor] = field(default_factory=dict)  # group -> Σx² per input column
     count: dict[str, int] = field(default_factory=dict)  # group -> rows (tokens) seen
     hessian: dict[str, torch.Tensor] = field(default_factory=dict)  # group -> Σxxᵀ (when collected)
+    with_hessians: bool = False  # collected (entries may since have been handed to the quantizers)
 
     def expert_tokens(self, n_experts: int) -> list[int]:
         return [self.count.get(f"expert{e}_w13", 0) for e in range(n_experts)]
@@ -90,16 +93,12 @@ def collect(ckpt: Checkpoint, tokens: torch.Tensor, semantics: str = "sglang", h
     model = Grok2ForCausalLM.empty(cfg, semantics)
     hidden = model.embed_streamed(ckpt.tensor, tokens, batch_size)
     positions = torch.arange(tokens.shape[1], device=device)
-    rope = tuple(t.to(device) for t in rope_cos_sin(positions, cfg, model.sem))
+    rope = rope_cos_sin(positions, cfg, model.sem)
     for layer in range(cfg.num_hidden_layers):
-        if layer:
-            model.recycle_layer(layer - 1, layer)
-        model.load_layer(layer, ckpt.tensor, torch.float32, device)
-        stats = LayerStats(layer)
+        stats = LayerStats(layer, with_hessians=hessians)
         collector = _Collector(model.model.layers[layer], stats, hessians)
         try:
-            for i, h in enumerate(hidden):
-                hidden[i] = model.run_layer(layer, h.to(device), positions, None, rope).to(h.device)
+            hidden = model.stream_layer(layer, ckpt.tensor, hidden, positions, rope, device=device)
         finally:
             collector.remove()
         stats.sum2 = {k: v.float().cpu() for k, v in stats.sum2.items()}
@@ -107,7 +106,6 @@ def collect(ckpt: Checkpoint, tokens: torch.Tensor, semantics: str = "sglang", h
         if on_layer:
             on_layer(stats)
         yield stats
-    model.unload_layer(cfg.num_hidden_layers - 1)
 
 
 # ---- importance matrix and coverage -------------------------------------------------------------------

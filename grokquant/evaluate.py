@@ -165,28 +165,17 @@ class Artifact:
 def open_artifact(path: str | Path, engine: str = "torch", semantics: str | None = None) -> Artifact:
     """Recognise what `path` is; `semantics` overrides the torch engine's default (sglang for
     checkpoints and GPTQ, the file's own llama.cpp semantics for GGUF)."""
-    path = Path(path)
+    from .load import open_source
+
     if engine not in ENGINES:
         raise GrokquantError(f"unknown engine {engine!r} (torch or llama.cpp)")
-    if not path.exists():
-        raise GrokquantError(f"{path}: no such artifact")
-    if path.is_file():
-        if path.suffix != ".gguf":
-            raise GrokquantError(f"{path}: not a .gguf file, checkpoint or GPTQ directory")
-        from .gguf_weights import GGUFWeights
-
-        source = GGUFWeights(path)
-        own = source.semantics
-        source.close()
-        if engine == "llama.cpp":
-            return Artifact(path, "gguf", engine, own)
-        return Artifact(path, "gguf", engine, semantics or own)
+    source = open_source(path)
+    source.close()
     if engine == "llama.cpp":
-        raise GrokquantError(f"{path}: the llama.cpp engine runs GGUF files only")
-    from .gptq_weights import is_gptq_dir
-
-    kind = "gptq" if is_gptq_dir(path) else "checkpoint"
-    return Artifact(path, kind, engine, semantics or "sglang")
+        if source.kind != "gguf":
+            raise GrokquantError(f"{path}: the llama.cpp engine runs GGUF files only")
+        return Artifact(Path(path), "gguf", engine, source.semantics)
+    return Artifact(Path(path), source.kind, engine, semantics or source.semantics)
 
 
 # ---- logits ----------------------------------------------------------------------------------------
@@ -226,8 +215,8 @@ def _torch_logits(art: Artifact, windows: Windows, batch_size: int) -> Iterator[
 
 
 def _streamed_logits(source, semantics: str, windows: Windows, batch_size: int) -> Iterator[torch.Tensor]:
-    """One decoder layer in memory at a time; the hidden states of every window wait between layers."""
-    from .memory import release_freed_memory
+    """One decoder layer's dense part or one expert in memory at a time; the hidden states of every window
+    wait between layers."""
     from .model import Grok2ForCausalLM, rope_cos_sin
 
     cfg = source.config
@@ -236,12 +225,7 @@ def _streamed_logits(source, semantics: str, windows: Windows, batch_size: int) 
     positions = torch.arange(windows.ctx)
     rope = rope_cos_sin(positions, cfg, model.sem)
     for layer in range(cfg.num_hidden_layers):
-        if layer:
-            model.recycle_layer(layer - 1, layer)
-        model.load_layer(layer, source.tensor)
-        hidden = [model.run_layer(layer, h, positions, None, rope) for h in hidden]
-        release_freed_memory()
-    model.unload_layer(cfg.num_hidden_layers - 1)
+        hidden = model.stream_layer(layer, source.tensor, hidden, positions, rope)
     model._assign(model, {n: source.tensor(n) for n in ("model.norm.weight", "lm_head.weight")}, torch.float32, "cpu")
     for h in hidden:
         yield model.head(h[:, windows.logit_span])

@@ -44,6 +44,9 @@ class Source:
     def config(self) -> GrokConfig:
         return self.weights.config
 
+    def close(self) -> None:
+        self.weights.close()
+
 
 def open_source(path: str | Path) -> Source:
     """A GPTQ directory, a GGUF file or an original checkpoint directory."""

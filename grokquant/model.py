@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import GrokConfig
+from .config import GrokConfig, expert_name, parse_expert_name
 from .memory import release_freed_memory
 
 
@@ -271,6 +271,18 @@ class Grok2Model(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
+@dataclass
+class MoEBatch:
+    """One batch of hidden states inside a layer run in parts: what the experts need and what finishes it."""
+
+    h: torch.Tensor  # after the attention residual [B, T, H]
+    x: torch.Tensor  # MLP / MoE input, flattened [N, H]
+    dense: torch.Tensor  # dense MLP output [B, T, H]
+    weights: torch.Tensor  # router weights [N, k]
+    ids: torch.Tensor  # router choices [N, k]
+    moe: torch.Tensor  # experts' weighted sum, accumulated expert by expert [N, H] float32
+
+
 class Grok2ForCausalLM(nn.Module):
     def __init__(self, cfg: GrokConfig, sem: Semantics | str = "sglang"):
         super().__init__()
@@ -313,13 +325,55 @@ class Grok2ForCausalLM(nn.Module):
             else:
                 self._assign(module, {local: get(name)}, dtype, device)
 
-    def recycle_layer(self, src: int, dst: int) -> None:
-        """Let layer `dst` reuse the weight storage of layer `src`, which is no longer needed.
+    # ---- a layer in parts: the dense part, then one expert at a time (a real-width layer is 17 GB in f32)
+    def dense_part(self, layer: int) -> list[str]:
+        """Release names of a layer's attention, norms, router and dense MLP."""
+        return [n for n in self.cfg.layer_shapes(layer) if not parse_expert_name(n)]
 
-        Streaming then allocates one layer's weights once instead of once per layer.
-        """
-        layers = self.model.layers
-        layers[src], layers[dst] = layers[dst], layers[src]
+    def attend_all(self, layer: int, hidden: list[torch.Tensor], positions, cos, sin,
+                   device="cpu") -> list[MoEBatch]:
+        """Attention, router and dense MLP of `layer` (loaded) on every batch of hidden states."""
+        module = self.model.layers[layer]
+        moe = module.block_sparse_moe
+        done = []
+        for h in hidden:
+            h1, m = module.attend(h.to(device), positions, cos, sin, None, layer, self.sem)
+            x = m.reshape(-1, m.shape[-1])
+            weights, ids = moe.route(x, self.sem)
+            done.append(MoEBatch(h1, x, module.mlp(m, self.sem.gelu), weights, ids,
+                                 torch.zeros(x.shape, dtype=torch.float32, device=x.device)))
+        return done
+
+    def drop_dense_part(self, layer: int) -> None:
+        """Free the attention, dense MLP and router once every batch went through them (the norms stay)."""
+        module = self.model.layers[layer]
+        for part in (module.self_attn, module.mlp, module.block_sparse_moe.gate):
+            part.to("meta")
+        release_freed_memory()
+
+    def finish_all(self, layer: int, batches: list[MoEBatch]) -> list[torch.Tensor]:
+        module = self.model.layers[layer]
+        return [module.finish(b.h, b.dense, b.moe.to(b.h.dtype).view(b.h.shape), self.sem) for b in batches]
+
+    def stream_layer(self, layer: int, get: Callable[[str], torch.Tensor], hidden: list[torch.Tensor], positions,
+                     rope, dtype=torch.float32, device="cpu") -> list[torch.Tensor]:
+        """Layer `layer` on every batch of `hidden`, its weights read from get(release_name) in parts:
+        the dense part, then one expert at a time. Bit-identical to the whole layer's forward."""
+        cos, sin = (t.to(device) for t in rope)
+        self.load_layer(layer, get, dtype, device, names=self.dense_part(layer))
+        batches = self.attend_all(layer, hidden, positions, cos, sin, device)
+        self.drop_dense_part(layer)
+        moe = self.model.layers[layer].block_sparse_moe
+        for e in range(self.cfg.num_local_experts):
+            self.load_layer(layer, get, dtype, device, names=[expert_name(layer, e, p) for p in ("w1", "w3", "w2")])
+            for b in batches:
+                moe.add_expert(e, b.x, b.weights, b.ids, self.sem, b.moe)
+            moe.experts[e].to("meta")
+            release_freed_memory()  # before the next expert arrives
+        out = [o.to(h.device) for o, h in zip(self.finish_all(layer, batches), hidden)]
+        del batches
+        self.unload_layer(layer)
+        return out
 
     def unload_layer(self, layer: int) -> None:
         """Hand a layer's memory back (its parameters return to the meta device)."""
@@ -411,17 +465,13 @@ def streamed_logits(ckpt, tokens: torch.Tensor, sem: Semantics | str = "sglang",
     model = Grok2ForCausalLM.empty(ckpt.config, sem)
     if tokens.dim() == 1:
         tokens = tokens[None]
-    (h,) = model.embed_streamed(ckpt.tensor, tokens, dtype=dtype)
+    hidden = model.embed_streamed(ckpt.tensor, tokens, dtype=dtype)
     positions = model.positions(tokens.shape[1], None, tokens.device)
     rope = rope_cos_sin(positions, model.cfg, model.sem)
     for layer in range(ckpt.config.num_hidden_layers):
-        if layer:
-            model.recycle_layer(layer - 1, layer)
-        model.load_layer(layer, ckpt.tensor, dtype)
-        h = model.run_layer(layer, h, positions, None, rope)
-        release_freed_memory()  # the layer's temporaries, before the next layer's reads
+        hidden = model.stream_layer(layer, ckpt.tensor, hidden, positions, rope, dtype)
         if on_layer:
             on_layer(layer)
-    model.unload_layer(ckpt.config.num_hidden_layers - 1)
+    (h,) = hidden
     model._assign(model, {n: ckpt.tensor(n) for n in ("model.norm.weight", "lm_head.weight")}, dtype, "cpu")
     return model.head(h)

@@ -35,15 +35,15 @@ from safetensors.torch import save_file
 from . import distributed
 from .calibrate import LayerStats, _Collector
 from .checkpoint import Checkpoint
-from .config import expert_name, parse_expert_name
+from .config import expert_name
 from .errors import GrokquantError
 from .memory import release_freed_memory
 from .model import Grok2ForCausalLM, rope_cos_sin
-from .quantize_layer import (LayerResult, Recipe, all_token_statistics, item_cost, join_ggml, layer_items,
+from .quantize_layer import (Item, LayerResult, Recipe, all_token_statistics, item_cost, join_ggml, layer_items,
                              quantize_items)
 from .recipe import GGUFRecipe, GPTQRecipe
 
-FORMAT_VERSION = 3  # part of the resume fingerprint: bump when the per-layer output changes
+FORMAT_VERSION = 4  # part of the resume fingerprint: bump when the per-layer output changes
 REPORT_KEY = "grokquant.quantize_report"  # GGUF header key holding the per-class report (JSON)
 
 
@@ -84,25 +84,13 @@ def _gguf_types(ckpt: Checkpoint, recipe: GGUFRecipe) -> dict[str, str]:
     return {t.name: t.type.name for t in plan(ckpt.config, recipe, has_imatrix=True)}
 
 
-@dataclass
-class _Batch:
-    """One batch of calibration sequences inside a layer: what the experts need and what finishes it."""
-
-    h: torch.Tensor  # after the attention residual [B, T, H]
-    x: torch.Tensor  # MLP / MoE input, flattened [N, H]
-    dense: torch.Tensor  # dense MLP output [B, T, H]
-    weights: torch.Tensor  # router weights [N, k]
-    ids: torch.Tensor  # router choices [N, k]
-    moe: torch.Tensor  # experts' weighted sum, accumulated group by group [N, H] float32
-
-
 def _exchange(group: distributed.Group, results: Iterable[LayerResult], everywhere: bool) -> LayerResult | None:
     """This rank's results joined with every other rank's, in item order (None on ranks that get nothing)."""
     local = LayerResult()
     for r in results:
+        if not everywhere:  # only the names are needed from here on (at real width a gigabyte per linear)
+            r.dequantized = dict.fromkeys(r.dequantized)
         local.add(r)
-    if not everywhere:  # only the names are needed from here on
-        local.dequantized = dict.fromkeys(local.dequantized)
     parts = group.gather(local, everywhere)
     if parts is None:
         return None
@@ -154,97 +142,15 @@ def quantize(checkpoint: str | Path, out: str | Path, recipe: Recipe, tokens: to
     parts = [f"model-{i + 1:05d}-of-{n_layers + 1:05d}.safetensors" for i in range(n_layers + 1)]
     items = layer_items(cfg, expert_batch)
     owner = distributed.assign([item_cost(cfg, it) for it in items], group.world)
-    expert_groups = sorted({it.experts for it in items if it.proj is not None})
 
     model = Grok2ForCausalLM.empty(cfg, "sglang")
-    sem = model.sem
     hidden = group.broadcast(hidden) if state["done"] else model.embed_streamed(ckpt.tensor, tokens, batch_size)
     positions = torch.arange(tokens.shape[1], device=device)
-    cos, sin = (t.to(device) for t in rope_cos_sin(positions, cfg, sem))
+    run = _Run(ckpt, recipe, model, group, items, owner, types, device, hessians, positions,
+               *(t.to(device) for t in rope_cos_sin(positions, cfg, model.sem)))
 
     for layer in range(state["done"], n_layers):
-        module = model.model.layers[layer]
-        moe = module.block_sparse_moe
-        prefix = f"model.layers.{layer}."
-        dense_names = [n for n in cfg.layer_shapes(layer) if not parse_expert_name(n)]
-
-        def loaded(name):  # the weights already in memory for the forward pass: each is read from disk once
-            return module.get_parameter(name[len(prefix):]).detach()
-
-        def attend():
-            done = []
-            for h in hidden:
-                h1, m = module.attend(h.to(device), positions, cos, sin, None, layer, sem)
-                x = m.reshape(-1, m.shape[-1])
-                weights, ids = moe.route(x, sem)
-                done.append(_Batch(h1, x, module.mlp(m, sem.gelu), weights, ids,
-                                   torch.zeros(x.shape, dtype=torch.float32, device=x.device)))
-            return done
-
-        def statistics_to_cpu():  # the quantizers take them from here (GGML rounding runs on the CPU)
-            stats.hessian = {k: v.cpu() for k, v in stats.hessian.items()}
-            stats.sum2 = {k: v.cpu() for k, v in stats.sum2.items()}
-
-        def mine(selected):
-            return [it for it in selected if owner[it.index] == group.rank]
-
-        stats = LayerStats(layer)
-        collector = _Collector(module, stats, hessians=hessians)
-        written = LayerResult()  # what rank 0 stores for this layer
-        try:
-            model.load_layer(layer, ckpt.tensor, torch.float32, device, names=dense_names)
-            batches = attend()
-            statistics_to_cpu()
-            res = _exchange(group, quantize_items(mine([it for it in items if it.linear]), layer, stats, recipe,
-                                                  loaded, types, device), recipe.sequential)
-            if res is not None:
-                written.add(res)
-            for key in ("attn_qkv", "attn_o", "mlp_down") + (("mlp_gate_up",) if recipe.under_covered == "rtn" else ()):
-                stats.hessian.pop(key, None)  # done with; mlp_gate_up is every token's MoE input Hessian
-            outputs = batches
-            if recipe.sequential:  # the quantized attention and dense MLP feed the experts' outputs
-                collector.active = False
-                model.load_layer(layer, lambda n: res.dequantized[n] if n in res.dequantized else ckpt.tensor(n),
-                                 torch.float32, device, names=dense_names)
-                outputs = attend()
-            module.self_attn.to("meta")  # only the norms are still needed (to finish the layer)
-            module.mlp.to("meta")
-            moe.gate.to("meta")
-            release_freed_memory()
-            for first, last in expert_groups:
-                experts = range(first, last)
-                names = [expert_name(layer, e, p) for e in experts for p in ("w1", "w3", "w2")]
-                model.load_layer(layer, ckpt.tensor, torch.float32, device, names=names)
-                collector.active = True
-                for b in batches:
-                    for e in experts:
-                        moe.add_expert(e, b.x, b.weights, b.ids, sem, None if recipe.sequential else b.moe)
-                if recipe.under_covered != "rtn":
-                    all_token_statistics(module, experts, stats, recipe, sem.gelu, torch.cat([b.x for b in batches]),
-                                         hessians)
-                collector.active = False
-                statistics_to_cpu()
-                res = _exchange(group, quantize_items(mine([it for it in items if it.experts == (first, last)]),
-                                                      layer, stats, recipe, loaded, types, device), recipe.sequential)
-                if res is not None:
-                    written.add(res)
-                if recipe.sequential:
-                    model.load_layer(layer, lambda n: res.dequantized[n] if n in res.dequantized else ckpt.tensor(n),
-                                     torch.float32, device, names=names)
-                    for b in outputs:
-                        for e in experts:
-                            moe.add_expert(e, b.x, b.weights, b.ids, sem, b.moe)
-                for e in experts:  # this group's memory goes before the next group's arrives
-                    moe.experts[e].to("meta")
-                    for key in [k for k in stats.hessian if k.startswith(f"expert{e}_")]:
-                        del stats.hessian[key]
-                del res
-                release_freed_memory()
-        finally:
-            collector.remove()
-        hidden = [module.finish(b.h, b.dense, b.moe.view(b.h.shape), sem).cpu() for b in outputs]
-        del batches, outputs, stats
-        model.unload_layer(layer)
+        written, hidden = _quantize_layer(run, layer, hidden)
         state["done"] = layer + 1
         if group.is_main:
             if gguf:
@@ -271,6 +177,111 @@ def quantize(checkpoint: str | Path, out: str | Path, recipe: Recipe, tokens: to
             _finish_gptq(ckpt, work, parts, out, recipe, report)
     group.barrier()  # every rank returns once the output is in place
     return out
+
+
+@dataclass
+class _Run:
+    """What every layer of one quantize() call shares."""
+
+    ckpt: Checkpoint
+    recipe: Recipe
+    model: Grok2ForCausalLM
+    group: distributed.Group
+    items: list[Item]
+    owner: list[int]  # rank of each item
+    types: dict[str, str]  # GGUF name -> GGML type (gguf recipes)
+    device: str
+    hessians: bool
+    positions: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+    def mine(self, selected: Iterable[Item]) -> list[Item]:
+        return [it for it in selected if self.owner[it.index] == self.group.rank]
+
+
+def _to_cpu(stats: LayerStats) -> None:
+    """The quantizers take the statistics from the CPU (GGML rounding runs there)."""
+    stats.hessian = {k: v.cpu() for k, v in stats.hessian.items()}
+    stats.sum2 = {k: v.cpu() for k, v in stats.sum2.items()}
+
+
+def _quantize_layer(run: _Run, layer: int, hidden: list[torch.Tensor]) -> tuple[LayerResult, list[torch.Tensor]]:
+    """One decoder layer: (what rank 0 stores for it, the hidden states for the next layer)."""
+    ckpt, recipe, model, device = run.ckpt, run.recipe, run.model, run.device
+    sem = model.sem
+    module = model.model.layers[layer]
+    moe = module.block_sparse_moe
+    prefix = f"model.layers.{layer}."
+    dense_names = model.dense_part(layer)
+    stored = ckpt.dtype(dense_names[0])
+
+    def loaded(name):  # the weights already in memory for the forward pass: each is read from disk once
+        return module.get_parameter(name[len(prefix):]).detach()
+
+    def keep_as_stored(*modules):  # past the forward pass the weights are only read: the file's dtype
+        for m in modules:           # holds them exactly, in half the memory of float32
+            m.to(stored)
+
+    def quantized(selected: list[Item], stats: LayerStats) -> LayerResult | None:
+        results = quantize_items(run.mine(selected), layer, stats, recipe, loaded, run.types, device)
+        return _exchange(run.group, results, recipe.sequential)
+
+    def dequantized_or_stored(res: LayerResult | None):
+        return lambda n: res.dequantized[n] if n in res.dequantized else ckpt.tensor(n)
+
+    stats = LayerStats(layer, with_hessians=run.hessians)
+    collector = _Collector(module, stats, hessians=run.hessians)
+    written = LayerResult()  # what rank 0 stores for this layer
+    try:
+        model.load_layer(layer, ckpt.tensor, torch.float32, device, names=dense_names)
+        batches = model.attend_all(layer, hidden, run.positions, run.cos, run.sin, device)
+        keep_as_stored(module.self_attn, module.mlp)
+        _to_cpu(stats)
+        res = quantized([it for it in run.items if it.linear], stats)
+        if res is not None:
+            written.add(res)
+        for key in ("attn_qkv", "attn_o", "mlp_down") + (("mlp_gate_up",) if recipe.under_covered == "rtn" else ()):
+            stats.hessian.pop(key, None)  # done with; mlp_gate_up is every token's MoE input Hessian
+        outputs = batches
+        if recipe.sequential:  # the quantized attention and dense MLP feed the experts' outputs
+            collector.active = False
+            model.load_layer(layer, dequantized_or_stored(res), torch.float32, device, names=dense_names)
+            outputs = model.attend_all(layer, hidden, run.positions, run.cos, run.sin, device)
+        model.drop_dense_part(layer)
+        for first, last in sorted({it.experts for it in run.items if it.proj is not None}):
+            experts = range(first, last)
+            names = [expert_name(layer, e, p) for e in experts for p in ("w1", "w3", "w2")]
+            model.load_layer(layer, ckpt.tensor, torch.float32, device, names=names)
+            collector.active = True
+            for b in batches:
+                for e in experts:
+                    moe.add_expert(e, b.x, b.weights, b.ids, sem, None if recipe.sequential else b.moe)
+            if recipe.under_covered != "rtn":
+                all_token_statistics(module, experts, stats, recipe, sem.gelu, torch.cat([b.x for b in batches]),
+                                     run.hessians)
+            collector.active = False
+            keep_as_stored(*(moe.experts[e] for e in experts))
+            _to_cpu(stats)
+            res = quantized([it for it in run.items if it.experts == (first, last)], stats)
+            if res is not None:
+                written.add(res)
+            if recipe.sequential:
+                model.load_layer(layer, dequantized_or_stored(res), torch.float32, device, names=names)
+                for b in outputs:
+                    for e in experts:
+                        moe.add_expert(e, b.x, b.weights, b.ids, sem, b.moe)
+            for e in experts:  # this group's memory goes before the next group's arrives
+                moe.experts[e].to("meta")
+                for key in [k for k in stats.hessian if k.startswith(f"expert{e}_")]:
+                    del stats.hessian[key]
+            res = None
+            release_freed_memory()
+    finally:
+        collector.remove()
+    hidden = [h.cpu() for h in model.finish_all(layer, outputs)]
+    model.unload_layer(layer)
+    return written, hidden
 
 
 def read_report(artifact: str | Path) -> list[dict]:
@@ -319,5 +330,6 @@ def _assemble_gguf(ckpt: Checkpoint, checkpoint, work: Path, parts: list[str], o
     if out.exists() and out.is_dir():
         shutil.rmtree(out)
     os.replace(tmp_out, out)
-    del handles, where
+    where.clear()  # the per-layer files are closed before their folder goes
+    handles.clear()
     shutil.rmtree(work)

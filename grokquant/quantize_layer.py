@@ -76,6 +76,7 @@ class Stack:
     importance: torch.Tensor  # [B, in] Σx² / tokens
     fallback: list[bool]  # under-covered matrices quantized without calibration
     min_tokens: int
+    owns_h: bool = False  # H is no one else's: GPTQ may factorise it in place
 
 
 def _importance(sum2: torch.Tensor, tokens: int) -> torch.Tensor:
@@ -84,30 +85,56 @@ def _importance(sum2: torch.Tensor, tokens: int) -> torch.Tensor:
     return sum2 / torch.tensor(float(tokens)) if tokens > 0 else torch.ones_like(sum2)
 
 
+def stats_groups(item: Item) -> list[str]:
+    """The statistics groups an item's own Hessians come from."""
+    if item.linear is not None:
+        return [DENSE_LINEARS[item.linear][0]]
+    return [f"expert{e}_{EXPERT_GROUP[item.proj]}" for e in range(*item.experts)]
+
+
+def last_uses(items: list[Item]) -> dict[int, set[str]]:
+    """Per item, the Hessians no later item of `items` needs (the MoE input's is kept for the experts)."""
+    last = {g: it.index for it in items for g in stats_groups(it) if g != "mlp_gate_up"}
+    out: dict[int, set[str]] = {}
+    for g, index in last.items():
+        out.setdefault(index, set()).add(g)
+    return out
+
+
 def build_stack(item: Item, layer: int, stats: LayerStats, recipe: Recipe,
-                weights: Callable[[str], torch.Tensor]) -> Stack:
-    """The item's weights with the statistics the recipe's coverage policy gives each matrix."""
+                weights: Callable[[str], torch.Tensor], take: set[str] = frozenset()) -> Stack:
+    """The item's weights with the statistics the recipe's coverage policy gives each matrix.
+
+    Hessians named in `take` leave `stats` with the stack, which may then factorise them in place.
+    """
+    def hessian(g: str, default=None):
+        return stats.hessian.pop(g, default) if g in take else stats.hessian.get(g, default)
+
     if item.linear is not None:
         group, cls = DENSE_LINEARS[item.linear]
         name = f"model.layers.{layer}.{item.linear}.weight"
-        H = stats.hessian.get(group)
+        H = hessian(group)
         return Stack(cls, [name], weights(name).float()[None], None if H is None else H[None],
-                     _importance(stats.sum2[group], stats.count[group])[None], [False], stats.count[group])
+                     _importance(stats.sum2[group], stats.count[group])[None], [False], stats.count[group],
+                     owns_h=group in take)
     experts = range(*item.experts)
     names = [expert_name(layer, e, item.proj) for e in experts]
     W = torch.stack([weights(n).float() for n in names])
     all_tokens = stats.count["mlp_gate_up"]
     Hs, imps, fallback, counts = [], [], [], []
+    owned = True
     for e in experts:
         g = f"expert{e}_{EXPERT_GROUP[item.proj]}"
         n = stats.count.get(g, 0)
-        own_H = stats.hessian.get(g, torch.zeros(W.shape[2], W.shape[2])) if stats.hessian else None
+        own_H = hessian(g, torch.zeros(W.shape[2], W.shape[2])) if stats.with_hessians else None
         own_s = stats.sum2.get(g, torch.zeros(W.shape[2])).float()
         covered = n >= recipe.min_tokens
         if covered or recipe.under_covered == "rtn":
             H, s, k = own_H, own_s, n
+            owned &= g in take
         elif recipe.under_covered == "all-tokens":
             H, s, k = stats.hessian.get(g + "_all"), stats.sum2[g + "_all"], all_tokens
+            owned = False
         else:  # prior: the expert's own tokens plus min_tokens tokens' worth of the all-token average
             w = recipe.min_tokens / all_tokens
             H = None if own_H is None else own_H + stats.hessian[g + "_all"] * w
@@ -116,8 +143,13 @@ def build_stack(item: Item, layer: int, stats: LayerStats, recipe: Recipe,
         imps.append(_importance(s, k))
         fallback.append(not covered and recipe.under_covered == "rtn")
         counts.append(n)
-    return Stack("experts", names, W, torch.stack(Hs) if Hs[0] is not None else None, torch.stack(imps),
-                 fallback, min(counts))
+    if Hs[0] is None:
+        H = None
+    elif len(Hs) == 1:
+        H = Hs[0][None]  # a view: one expert's Hessian is not copied
+    else:
+        H, owned = torch.stack(Hs), True
+    return Stack("experts", names, W, H, torch.stack(imps), fallback, min(counts), owns_h=owned)
 
 
 def all_token_statistics(layer_module, experts: range, stats: LayerStats, recipe: Recipe, gelu_flavour: str,
@@ -135,12 +167,19 @@ def all_token_statistics(layer_module, experts: range, stats: LayerStats, recipe
             stats.hessian[f"expert{e}_w2_all"] = (a.T @ a).cpu()
 
 
-def output_error(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor | None) -> float | None:
-    """Σ_b ‖(W_b − Ŵ_b) X_b‖² = tr(D H Dᵀ) from the calibration Hessians."""
+def hessian_error(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor | None) -> torch.Tensor | None:
+    """‖(W_b − Ŵ_b) X_b‖² = tr(D H Dᵀ) of each matrix, from the calibration Hessians (Wq, a temporary,
+    is overwritten: at 32768 columns each copy is a gigabyte)."""
     if H is None:
         return None
-    D = Wq - W
-    return float(torch.einsum("boi,bij,boj->", D, H, D))
+    D = Wq.sub_(W) if Wq.dtype == torch.float32 else Wq - W  # Wq is a temporary here
+    rows = max(1, (1 << 25) // (D.shape[0] * D.shape[2]))  # row chunks: D H would be one more copy of D
+    return sum(((D[:, r:r + rows] @ H) * D[:, r:r + rows]).sum((1, 2), dtype=torch.float64)
+               for r in range(0, D.shape[1], rows))
+
+
+def _total(errors: torch.Tensor | None) -> float | None:
+    return None if errors is None else float(errors.sum())
 
 
 @dataclass
@@ -157,19 +196,27 @@ class LayerResult:
 
 # ---- gptq format: integer grids -------------------------------------------------------------------
 
-def _int_stack(s: Stack, cfg: IntQuantConfig, method: str, device: str) -> IntQuantized:
-    """Batched GPTQ with round-to-nearest for the matrices flagged as fallback."""
+def _int_stack(s: Stack, cfg: IntQuantConfig, method: str, device: str) -> tuple[IntQuantized, tuple]:
+    """Batched GPTQ with round-to-nearest for the matrices flagged as fallback; (result, (error, rtn error)).
+
+    The errors are measured before GPTQ factorises a Hessian the stack owns (s.H is gone afterwards).
+    """
     W = s.W.to(device)
+    H = None if s.H is None else s.H.to(device)
+    r = rtn(W, cfg)
+    rtn_error = hessian_error(W, r.dequantize(), H)
     if method == "rtn" or all(s.fallback):
-        q = rtn(W, cfg)
+        q, error = r, rtn_error
     else:
-        q = gptq(W, s.H.to(device), cfg)
-        if any(s.fallback):
-            r = rtn(W, cfg)
-            for b, fb in enumerate(s.fallback):
-                if fb:
-                    q.codes[b], q.scales[b], q.zeros[b], q.g_idx[b] = r.codes[b], r.scales[b], r.zeros[b], r.g_idx[b]
-    return IntQuantized(*(t.cpu() for t in (q.codes, q.scales, q.zeros, q.g_idx)))
+        q = gptq(W, H, cfg, overwrite_h=s.owns_h or H is not s.H)
+        s.H = H = None
+        error = q.hessian_error
+        for b, fb in enumerate(s.fallback):
+            if fb:
+                q.codes[b], q.scales[b], q.zeros[b], q.g_idx[b] = r.codes[b], r.scales[b], r.zeros[b], r.g_idx[b]
+                error[b] = rtn_error[b]
+    q = IntQuantized(*(t.cpu() for t in (q.codes, q.scales, q.zeros, q.g_idx)))
+    return q, tuple(None if e is None else e.cpu() for e in (error, rtn_error))
 
 
 def quantize_int(item: Item, s: Stack, recipe: GPTQRecipe, device: str = "cpu") -> LayerResult:
@@ -180,11 +227,10 @@ def quantize_int(item: Item, s: Stack, recipe: GPTQRecipe, device: str = "cpu") 
     qc = recipe.config_for(s.cls)
     if qc is None or not packable(s.W.shape[1], s.W.shape[2], qc.bits):
         return res
-    q = _int_stack(s, qc, recipe.method, device)
+    q, (error, rtn_error) = _int_stack(s, qc, recipe.method, device)
     Wq = q.dequantize()
-    W = s.W.cpu()
-    res.report.append({"stack": item.index, "class": s.cls, "bits": qc.bits, "error": output_error(W, Wq, s.H),
-                       "rtn_error": output_error(W, rtn(W, qc).dequantize(), s.H), "min_tokens": s.min_tokens})
+    res.report.append({"stack": item.index, "class": s.cls, "bits": qc.bits, "error": _total(error),
+                       "rtn_error": _total(rtn_error), "min_tokens": s.min_tokens})
     for b, name in enumerate(s.names):
         base = name[: -len(".weight")]
         for k, v in gptq_tensors(q, b, qc.bits).items():
@@ -202,21 +248,27 @@ def quantize_ggml(item: Item, s: Stack, recipe: GGUFRecipe, type_name: str) -> L
         return res  # written from the checkpoint as it is
     W = s.W.cpu()  # the GGML quantizers run on the CPU
     q = QUANTIZERS[type_name]
-    reference = ggml_rtn(W, type_name)
-    if recipe.method == "gptq" and not all(s.fallback):
-        data = gptq_ggml(W, s.H, type_name, recipe.damp)
-    else:
-        data = ggml_rtn(W, type_name, s.importance)
-    for b, fb in enumerate(s.fallback):
-        if fb:
-            data[b] = reference[b]
 
     def dequant(d):
         return q.dequantize(d.reshape(-1, d.shape[-1]), W.shape[2]).view(W.shape)
 
+    reference = ggml_rtn(W, type_name)
+    rtn_error = hessian_error(W, dequant(reference), s.H)  # before GPTQ factorises an owned Hessian
+    if recipe.method == "gptq" and not all(s.fallback):
+        data, error = gptq_ggml(W, s.H, type_name, recipe.damp, overwrite_h=s.owns_h)
+        s.H = None
+    else:
+        data = ggml_rtn(W, type_name, s.importance)
+        error = hessian_error(W, dequant(data), s.H)
+    for b, fb in enumerate(s.fallback):
+        if fb:
+            data[b] = reference[b]
+            if error is not None:
+                error[b] = rtn_error[b]
+
     Wq = dequant(data)
-    res.report.append({"stack": item.index, "class": s.cls, "bits": type_name, "error": output_error(W, Wq, s.H),
-                       "rtn_error": output_error(W, dequant(reference), s.H), "min_tokens": s.min_tokens})
+    res.report.append({"stack": item.index, "class": s.cls, "bits": type_name, "error": _total(error),
+                       "rtn_error": _total(rtn_error), "min_tokens": s.min_tokens})
     res.tensors[f"{gguf_name(s.names[0])}@{item.experts[0]}"] = data
     res.dequantized.update({n: Wq[b] for b, n in enumerate(s.names)})
     return res
@@ -237,9 +289,12 @@ def join_ggml(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def quantize_items(items: list[Item], layer: int, stats: LayerStats, recipe: Recipe,
                    weights: Callable[[str], torch.Tensor], types: dict[str, str], device: str) -> Iterator[LayerResult]:
+    take = last_uses(items)
     for item in items:
-        s = build_stack(item, layer, stats, recipe, weights)
+        s = build_stack(item, layer, stats, recipe, weights, take.get(item.index, set()))
         if isinstance(recipe, GGUFRecipe):
-            yield quantize_ggml(item, s, recipe, types[gguf_name(s.names[0])])
+            res = quantize_ggml(item, s, recipe, types[gguf_name(s.names[0])])
         else:
-            yield quantize_int(item, s, recipe, device)
+            res = quantize_int(item, s, recipe, device)
+        del s  # its weights and Hessians go before the next stack's arrive
+        yield res

@@ -35,6 +35,19 @@ def test_windows_score_like_llama_perplexity():
     assert len(make_windows(ids, ctx=16, max_windows=2).tokens) == 2
 
 
+def test_artifacts_are_recognised_or_refused(tmp_path):
+    from grokquant.errors import GrokquantError
+
+    art = open_artifact(FIXTURE)
+    assert (art.kind, art.semantics) == ("checkpoint", "sglang")
+    (tmp_path / "notes.txt").write_text("x")
+    for path, engine, message in ((tmp_path / "missing", "torch", "no such file"),
+                                  (tmp_path / "notes.txt", "torch", "expected a .gguf"),
+                                  (FIXTURE, "llama.cpp", "GGUF files only"), (FIXTURE, "onnx", "unknown engine")):
+        with pytest.raises(GrokquantError, match=message):
+            open_artifact(path, engine)
+
+
 def test_windows_refuse_short_text():
     with pytest.raises(Exception, match="fewer than one window"):
         make_windows(torch.arange(10), ctx=16)

@@ -95,3 +95,28 @@ def test_asymmetric_zero_point_never_zero(bits):
     for q in (rtn(W, cfg), gptq(W, torch.eye(256)[None] * 100, cfg)):
         assert q.zeros.min() >= 1 and q.zeros.max() <= 2 ** bits - 1
         assert (q.dequantize() - W).abs().max() <= q.scales.max() / 2 + 1e-6
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_hessian_error_is_the_error_on_the_given_hessian(act_order):
+    """GPTQ's own objective (Σ err², less the damping and dead-column diagonal) is tr(D H Dᵀ) on H as given."""
+    torch.manual_seed(3)
+    B, rows, cols = 2, 24, 256
+    X = torch.randn(B, 512, cols) @ torch.randn(cols, cols) * 0.2
+    X[:, :, 5] = 0  # a dead column
+    H = X.transpose(1, 2) @ X
+    W = torch.randn(B, rows, cols)
+    q = gptq(W, H.clone(), IntQuantConfig(act_order=act_order, sym=not act_order), overwrite_h=True)
+    D = q.dequantize() - W
+    expected = torch.einsum("boi,bij,boj->b", D.double(), H.double(), D.double())
+    assert torch.allclose(q.hessian_error, expected, rtol=1e-3), (q.hessian_error, expected)
+
+
+def test_overwrite_h_gives_the_same_codes():
+    torch.manual_seed(4)
+    W, X = torch.randn(1, 16, 128), torch.randn(1, 256, 128)
+    H = X.transpose(1, 2) @ X
+    kept = gptq(W, H, IntQuantConfig())
+    assert torch.equal(H, X.transpose(1, 2) @ X)  # untouched by default
+    consumed = gptq(W, H, IntQuantConfig(), overwrite_h=True)
+    assert torch.equal(kept.codes, consumed.codes) and torch.equal(kept.scales, consumed.scales)

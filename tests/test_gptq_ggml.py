@@ -30,7 +30,7 @@ def test_beats_importance_weighted_rounding_on_held_out_inputs(type_name):
     H = train.transpose(1, 2) @ train
     plain = relative_error(ggml_rtn(W, type_name), W, held, type_name)
     weighted = relative_error(ggml_rtn(W, type_name, torch.diagonal(H, dim1=1, dim2=2)), W, held, type_name)
-    ours = relative_error(gptq_ggml(W, H, type_name), W, held, type_name)
+    ours = relative_error(gptq_ggml(W, H, type_name).data, W, held, type_name)
     print(f"{type_name}: reference {plain:.4f} imatrix {weighted:.4f} gptq {ours:.4f}")
     assert ours < 0.95 * weighted and weighted < plain
 
@@ -40,8 +40,8 @@ def test_batched_equals_one_matrix_at_a_time():
     X = correlated_inputs(B, n, 1024, seed=2)
     W = torch.randn(B, rows, n, generator=torch.Generator().manual_seed(3))
     H = X.transpose(1, 2) @ X
-    batched = gptq_ggml(W, H, "Q4_K")
-    single = torch.cat([gptq_ggml(W[b:b + 1], H[b:b + 1], "Q4_K") for b in range(B)])
+    batched = gptq_ggml(W, H, "Q4_K").data
+    single = torch.cat([gptq_ggml(W[b:b + 1], H[b:b + 1], "Q4_K").data for b in range(B)])
     blocks = batched.view(-1, 144) == single.view(-1, 144)
     assert blocks.all(dim=1).float().mean() > 0.99  # float summation order may flip a rare rounding
 
@@ -52,11 +52,24 @@ def test_unused_columns_and_zero_rows_stay_finite():
     W[0, 3] = 0
     X = torch.randn(1, 300, n)
     X[..., 100:200] = 0  # columns no calibration token touches
-    data = gptq_ggml(W, X.transpose(1, 2) @ X, "Q4_K")
+    data = gptq_ggml(W, X.transpose(1, 2) @ X, "Q4_K").data
     Wq = QUANTIZERS["Q4_K"].dequantize(data[0], n)
     assert torch.isfinite(Wq).all() and (Wq[3] == 0).all()
     dead = slice(100, 200)  # kept (rounded), not zeroed: inputs outside the calibration still work
     assert (Wq[:, dead] - W[0, :, dead]).norm() / W[0, :, dead].norm() < 0.2
+
+
+@pytest.mark.parametrize("type_name", ["Q4_K", "Q8_0"])
+def test_hessian_error_is_the_error_on_the_given_hessian(type_name):
+    B, rows, n = 2, 16, 512
+    X = correlated_inputs(B, n, 1024, seed=4)
+    X[..., 7] = 0  # a dead column
+    W = torch.randn(B, rows, n, generator=torch.Generator().manual_seed(5))
+    H = X.transpose(1, 2) @ X
+    q = gptq_ggml(W, H.clone(), type_name, overwrite_h=True)
+    D = (QUANTIZERS[type_name].dequantize(q.data.reshape(B * rows, -1), n).view(B, rows, n) - W).double()
+    expected = torch.einsum("boi,bij,boj->b", D, H.double(), D)
+    assert torch.allclose(q.hessian_error, expected, rtol=1e-3), (q.hessian_error, expected)
 
 
 def test_row_length_must_fit_the_block():

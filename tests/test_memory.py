@@ -85,3 +85,36 @@ def test_quantize_one_expert_at_a_time_bounds_memory(wide_tp8, tmp_path):
     experts_f32 = 4 * 8 * (3 * 256 * 4096 + 4096 * 4096)  # weights plus w2 Hessians of 8 experts
     print({k: f"{v / 2**20:.0f} MiB" for k, v in peaks.items()}, f"experts {experts_f32 / 2**20:.0f} MiB")
     assert peaks[1] < peaks[8] - 0.5 * experts_f32
+
+
+
+CALIBRATE = """
+import sys, torch
+from grokquant.calibrate import calibrate
+tokens = torch.randint(0, 500, (4, 64), generator=torch.Generator().manual_seed(0))
+calibrate(sys.argv[1], sys.argv[2], tokens)
+"""
+
+
+def test_calibrate_peak_does_not_grow_with_the_experts(tmp_path):
+    """The imatrix pass loads the dense part, then one expert at a time: 8 experts cost what 2 do."""
+    peaks = {}
+    for n in (2, 8):
+        path = synth(tmp_path / f"e{n}", "tiny", seed=3, num_hidden_layers=2, num_local_experts=n, **WIDE)
+        m = python_measured(CALIBRATE, str(path), str(tmp_path / f"stats{n}.safetensors"))
+        assert m.returncode == 0, m.stderr[-2000:]
+        peaks[n] = m.peak_rss
+    expert_f32 = 4 * 3 * 256 * 4096
+    print({k: f"{v / 2**20:.0f} MiB" for k, v in peaks.items()}, f"6 experts {6 * expert_f32 / 2**20:.0f} MiB")
+    assert peaks[8] - peaks[2] < 0.4 * 6 * expert_f32  # a whole layer at once: most of the 6 experts' 72 MiB
+
+
+def test_quantize_peak_does_not_grow_with_layers(checkpoints, tmp_path):
+    """Per layer only the hidden states carry over: 8 layers peak where 2 do."""
+    peaks = {}
+    for n, path in checkpoints.items():
+        m = python_measured(QUANTIZE, str(path), str(tmp_path / f"q{n}"), "1")
+        assert m.returncode == 0, m.stderr[-2000:]
+        peaks[n] = m.peak_rss
+    print({k: f"{v / 2**20:.0f} MiB" for k, v in peaks.items()})
+    assert peaks[8] - peaks[2] < 0.75 * LAYER_F32_BYTES, peaks

@@ -35,12 +35,25 @@ class IntQuantized:
     scales: torch.Tensor  # [B, n_groups, out] float32
     zeros: torch.Tensor  # [B, n_groups, out] float32 (integer values)
     g_idx: torch.Tensor  # [B, in] int32: group of each input column
+    hessian_error: torch.Tensor | None = None  # [B] ‖(W − Ŵ)X‖² on the calibration Hessian (GPTQ only)
 
     def dequantize(self) -> torch.Tensor:
-        g = self.g_idx.long()[:, None, :].expand(-1, self.codes.shape[1], -1)  # [B, out, in]
-        scale = torch.gather(self.scales.transpose(1, 2), 2, g)
-        zero = torch.gather(self.zeros.transpose(1, 2), 2, g)
-        return scale * (self.codes.float() - zero)
+        B, rows, cols = self.codes.shape
+        n_groups = self.scales.shape[1]
+        out = self.codes.float()  # in place from here: a 32768-wide stack is 1 GB per temporary
+        zeros, scales = self.zeros.transpose(1, 2), self.scales.transpose(1, 2)  # [B, out, n_groups]
+        gs = cols // n_groups
+        if gs * n_groups == cols and torch.equal(self.g_idx, _in_order(cols, gs, self.g_idx)):
+            grouped = out.view(B, rows, n_groups, gs)  # groups in column order: broadcast, no gathered copies
+            grouped.sub_(zeros[..., None]).mul_(scales[..., None])
+            return out
+        g = self.g_idx.long()[:, None, :].expand(-1, rows, -1)  # [B, out, in]
+        out.sub_(torch.gather(zeros, 2, g))
+        return out.mul_(torch.gather(scales, 2, g))
+
+
+def _in_order(cols: int, gs: int, like: torch.Tensor) -> torch.Tensor:
+    return (torch.arange(cols, device=like.device) // gs).to(like.dtype).expand_as(like)
 
 
 def group_params(w: torch.Tensor, cfg: IntQuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,7 +78,7 @@ def group_params(w: torch.Tensor, cfg: IntQuantConfig) -> tuple[torch.Tensor, to
 
 
 def quantize_codes(w, scale, zero, maxq: int) -> torch.Tensor:
-    return torch.clamp(torch.round(w / scale) + zero, 0, maxq)
+    return (w / scale).round_().add_(zero).clamp_(0, maxq)  # one temporary, however wide w is
 
 
 def rtn(W: torch.Tensor, cfg: IntQuantConfig) -> IntQuantized:
@@ -75,9 +88,9 @@ def rtn(W: torch.Tensor, cfg: IntQuantConfig) -> IntQuantized:
     n_groups = -(-cols // gs)
     W = W.float()
     pad = n_groups * gs - cols
-    Wg = torch.nn.functional.pad(W, (0, pad)).view(B, rows, n_groups, gs)
-    valid = torch.arange(n_groups * gs, device=W.device).view(n_groups, gs) < cols
-    scale, zero = group_params(torch.where(valid, Wg, 0.0), cfg)  # [B, rows, n_groups]
+    Wg = torch.nn.functional.pad(W, (0, pad)) if pad else W
+    Wg = Wg.view(B, rows, n_groups, gs)
+    scale, zero = group_params(Wg, cfg)  # [B, rows, n_groups]; padding is 0, inside every group's range
     codes = quantize_codes(Wg, scale[..., None], zero[..., None], cfg.maxq).view(B, rows, -1)[..., :cols]
     g_idx = (torch.arange(cols, device=W.device) // gs).to(torch.int32).expand(B, -1).contiguous()
     return IntQuantized(codes.to(torch.uint8), scale.transpose(1, 2).contiguous(), zero.transpose(1, 2).contiguous(),
@@ -93,11 +106,16 @@ def upper_cholesky_of_inverse(H: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def gptq(W: torch.Tensor, H: torch.Tensor, cfg: IntQuantConfig) -> IntQuantized:
-    """GPTQ (Frantar et al. 2022) for a stack of matrices with their own Hessians."""
+def gptq(W: torch.Tensor, H: torch.Tensor, cfg: IntQuantConfig, overwrite_h: bool = False) -> IntQuantized:
+    """GPTQ (Frantar et al. 2022) for a stack of matrices with their own Hessians.
+
+    overwrite_h: factorise H (float32) in its own storage instead of a copy, for callers done with it
+    (a 32768-wide Hessian is 4.3 GB). The result's hessian_error is measured on H as given.
+    """
     B, rows, cols = W.shape
-    W = W.float().clone()
-    H = H.float().clone()
+    W0 = W
+    W = W.to(torch.float32, copy=True)
+    H = H if overwrite_h and H.dtype == torch.float32 else H.float().clone()
     gs = cols if cfg.group_size == -1 else cfg.group_size
     n_groups = -(-cols // gs)
     idx = torch.arange(cols, device=W.device)
@@ -118,9 +136,14 @@ def gptq(W: torch.Tensor, H: torch.Tensor, cfg: IntQuantConfig) -> IntQuantized:
 
     damp = cfg.damp * torch.diagonal(H, dim1=1, dim2=2).mean(-1)
     H.diagonal(dim1=1, dim2=2).add_(damp[:, None])
-    Hinv = upper_cholesky_of_inverse(H)  # H (our copy) is overwritten
+    added = torch.gather(dead.float(), 1, perm) + damp[:, None]  # [B, cols] what the diagonal gained
+    Hinv = upper_cholesky_of_inverse(H)  # H is overwritten
+    # Σ err² over the columns is the objective on the damped H (each OBS step adds exactly its err²);
+    # the added diagonal's share Σ added·(ŵ − w)² comes off to give the error on H itself
+    objective = torch.zeros(B, dtype=torch.float64, device=W.device)
+    added_share = torch.zeros(B, dtype=torch.float64, device=W.device)
 
-    codes = torch.zeros(B, rows, cols, device=W.device)
+    codes = torch.zeros(B, rows, cols, dtype=torch.uint8, device=W.device)
     if cfg.static_groups:
         scales, zeros = st.scales, st.zeros
     else:
@@ -139,15 +162,21 @@ def gptq(W: torch.Tensor, H: torch.Tensor, cfg: IntQuantConfig) -> IntQuantized:
                 g = orig_group[:, col]
                 scale, zero = scales[batch, g], zeros[batch, g]
             elif col % gs == 0:  # a new group: parameters from the error-compensated columns ahead
-                ahead = torch.cat([W1[:, :, i:], W[:, :, i2:]], dim=2)[:, :, :gs]
+                ahead = W1[:, :, i:i + gs]
+                if ahead.shape[2] < gs:  # the group runs past this block
+                    ahead = torch.cat([ahead, W[:, :, i2:i2 + gs - ahead.shape[2]]], dim=2)
                 scale, zero = group_params(ahead, cfg)
                 scales[:, col // gs], zeros[:, col // gs] = scale, zero
             w = W1[:, :, i]
             q = quantize_codes(w, scale, zero, cfg.maxq)
             codes[:, :, col] = q
-            err = (w - scale * (q - zero)) / Hinv1[:, i, i][:, None]
+            wq = scale * (q - zero)
+            err = (w - wq) / Hinv1[:, i, i][:, None]
             W1[:, :, i:] -= err[:, :, None] * Hinv1[:, i, i:][:, None, :]
             Err1[:, :, i] = err
+            w0 = W0[batch, :, perm[:, col]].float()  # [B, rows]: the original column
+            added_share += added[:, col] * (wq - w0).pow(2).sum(1, dtype=torch.float64)
+        objective += Err1.pow(2).sum((1, 2), dtype=torch.float64)
         W[:, :, i2:] -= Err1 @ Hinv[:, i1:i2, i2:]
 
     if cfg.act_order:
@@ -156,7 +185,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, cfg: IntQuantConfig) -> IntQuantized:
         g_idx = torch.gather(orig_group if cfg.static_groups else (idx // gs).expand(B, -1), 1, inv)
     else:
         g_idx = (idx // gs).expand(B, -1)
-    return IntQuantized(codes.to(torch.uint8), scales, zeros, g_idx.to(torch.int32).contiguous())
+    return IntQuantized(codes, scales, zeros, g_idx.to(torch.int32).contiguous(), objective - added_share)
 
 
 def output_error(W: torch.Tensor, Wq: torch.Tensor, X: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,8 @@ columns, as GPTQ does. Batched over a stack of matrices (the experts of a projec
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from .ggml import QUANTIZERS
@@ -40,23 +42,34 @@ def ggml_rtn(W: torch.Tensor, type_name: str, importance: torch.Tensor | None = 
     return data.view(B, rows, -1)
 
 
+class GGMLQuantized(NamedTuple):
+    data: torch.Tensor  # [B, out, row_bytes] GGML bytes of each matrix
+    hessian_error: torch.Tensor  # [B] ‖(W − Ŵ)X‖² on the calibration Hessian
+
+
 @torch.no_grad()
-def gptq_ggml(W: torch.Tensor, H: torch.Tensor, type_name: str, damp: float = 0.01, window: int = 512) -> torch.Tensor:
-    """W [B, out, in], H [B, in, in] -> GGML bytes [B, out, row_bytes] of each matrix."""
+def gptq_ggml(W: torch.Tensor, H: torch.Tensor, type_name: str, damp: float = 0.01, window: int = 512,
+              overwrite_h: bool = False) -> GGMLQuantized:
+    """W [B, out, in], H [B, in, in] -> GGML bytes; overwrite_h factorises H in its own storage."""
     q = QUANTIZERS[type_name]
     bs = q.type.block
     B, rows, cols = W.shape
     if cols % bs:
         raise ValueError(f"{type_name}: row length {cols} is not a multiple of {bs}")
-    W = W.float().clone()
-    H = H.float().clone()
+    W0 = W
+    W = W.to(torch.float32, copy=True)
+    H = H if overwrite_h and H.dtype == torch.float32 else H.float().clone()
     dead = torch.diagonal(H, dim1=1, dim2=2) == 0  # columns no token touched: rounded, pass no error on
     H.diagonal(dim1=1, dim2=2)[dead] = 1
     # 1/diag(U)² (the Schur complement diagonal) measured no better than diag H as block importance
     importance = torch.diagonal(H, dim1=1, dim2=2).clone()
-    H.diagonal(dim1=1, dim2=2).add_((damp * torch.diagonal(H, dim1=1, dim2=2).mean(-1))[:, None])
+    damping = damp * importance.mean(-1)
+    H.diagonal(dim1=1, dim2=2).add_(damping[:, None])
+    added = dead.float() + damping[:, None]  # as in gptq(): the objective less the added diagonal's share
     U = upper_cholesky_of_inverse(H)  # H⁻¹ = UᵀU
     del H
+    objective = torch.zeros(B, dtype=torch.float64)
+    added_share = torch.zeros(B, dtype=torch.float64)
 
     window = max(bs, window // bs * bs)
     out = torch.empty(B, rows, cols // bs * q.type.block_bytes, dtype=torch.uint8)
@@ -73,5 +86,8 @@ def gptq_ggml(W: torch.Tensor, H: torch.Tensor, type_name: str, damp: float = 0.
             err = torch.linalg.solve_triangular(U1[:, j:k, j:k], W1[:, :, j:k] - Q, upper=True, left=False)
             W1[:, :, k:] -= err @ U1[:, j:k, k:]
             Err1[:, :, j:k] = err
+            d2 = (Q - W0[:, :, i1 + j:i1 + k].float()).pow(2).sum(1, dtype=torch.float64)  # [B, bs]
+            added_share += (added[:, i1 + j:i1 + k] * d2).sum(1)
+        objective += Err1.pow(2).sum((1, 2), dtype=torch.float64)
         W[:, :, i2:] -= Err1 @ U[:, i1:i2, i2:]
-    return out
+    return GGMLQuantized(out, objective - added_share)
