@@ -25,9 +25,10 @@ def pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
     n, m = values.shape
     if n % per:
         raise ValueError(f"{n} values do not pack into 32-bit words of {per}")
-    v = values.to(torch.int64).view(n // per, per, m)
-    shifts = (torch.arange(per, dtype=torch.int64) * bits).view(1, per, 1)
-    words = (v << shifts).sum(1)  # disjoint bit fields: the sum is the bitwise or
+    v = values.view(n // per, per, m)
+    words = torch.zeros(n // per, m, dtype=torch.int64)
+    for k in range(per):  # one bit field at a time: an int64 copy of every value would be 8 bytes each
+        words |= v[:, k].to(torch.int64) << (bits * k)
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # same bits, signed
 
 
