@@ -20,6 +20,10 @@ layers. Then measures, each job in its own process (wall and CPU seconds, peak R
    grows with the square of the width, so the peak over the interpreter's baseline is extrapolated by 1/f²),
    and `grokquant.quant.gptq.gptq` on one real-width expert w1 and w2 with a Hessian of correlated inputs,
    from which each linear of a layer is timed by rows x cols² (the lazy block update dominates).
+4. `calibrate --imatrix` (part `calibrate`) on the 1-layer checkpoint: the statistics pass alone.
+5. Part `gptq-full` (not in the default: ~40 min here): `quantize --recipe gptq-w4g128 --expert-batch 1` at
+   the real widths through the library, printing seconds and RSS per work item, stopped after the dense
+   linears and `--groups` expert groups (each further group repeats the same loads and frees).
 
 Projection to 64 layers: seconds = per layer x (64 + the full-vocabulary embedding and lm_head in layer
 equivalents), per layer = the run with the most layers divided by its layers (fixed costs included);
@@ -224,8 +228,8 @@ def profiled(items, *args, **kw):
     for item, result in zip(items, plain(items, *args, **kw)):
         name = item.linear or f"experts[{item.experts[0]}:{item.experts[1]}].{item.proj}"
         print(f"item {name} s {time.perf_counter() - t:.1f} at {time.perf_counter() - start:.1f} "
-              f"rss_gb {psutil.Process().memory_info().rss / 2**30:.2f} "
-              f"peak_gb {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f}", flush=True)
+              f"rss_gb {psutil.Process().memory_info().rss / 1e9:.2f} "
+              f"peak_gb {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9:.2f}", flush=True)
         if item.proj == "w2" and item.experts[1] == groups:
             os._exit(0)
         yield result
