@@ -38,6 +38,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from .corpus import builtin_text, split_documents
 from .errors import GrokquantError
 
 DEFAULT_TOP_K = 256  # 2 KB per scored token and semantics
@@ -48,14 +49,6 @@ ENGINES = ("torch", "llama.cpp")
 
 
 # ---- text and windows ----------------------------------------------------------------------------
-
-def builtin_documents(split: str) -> list[str]:
-    """The built-in corpus's documents of one split ("train" or "heldout"), in corpus order."""
-    from .corpus import HOLDOUT_EVERY, documents
-
-    held = HOLDOUT_EVERY - 1
-    return [d for i, d in enumerate(documents()) if (i % HOLDOUT_EVERY == held) == (split == "heldout")]
-
 
 def document_tokens(tok, docs: list[str]) -> torch.Tensor:
     """Token ids of the documents, each followed by EOS."""
@@ -69,7 +62,7 @@ def evaluation_tokens(tok, data: str | Path) -> torch.Tensor:
     """`builtin` is the built-in corpus's held-out split; a text file is tokenized whole (as
     llama-perplexity does); folders and JSON Lines are read as by `calibrate --data`."""
     if str(data) == "builtin":
-        return document_tokens(tok, builtin_documents("heldout"))
+        return document_tokens(tok, split_documents("heldout"))
     from .calib_data import load_documents
 
     return document_tokens(tok, load_documents(data))
@@ -547,7 +540,7 @@ def check_same_tokenizer(artifacts: list[Artifact], tok, sample: str) -> None:
 
 def sample_text(data: str | Path) -> str:
     if str(data) == "builtin":
-        return "\n\n".join(builtin_documents("heldout"))[:TOKENIZER_PROBE_CHARS]
+        return builtin_text("heldout", TOKENIZER_PROBE_CHARS)
     from .calib_data import load_documents
 
     return "\n\n".join(load_documents(data))[:TOKENIZER_PROBE_CHARS]

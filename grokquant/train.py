@@ -26,7 +26,8 @@ import torch.nn.functional as F
 
 from .config import GrokConfig
 from .errors import GrokquantError
-from .evaluate import builtin_documents, document_tokens
+from .corpus import split_documents
+from .evaluate import document_tokens
 from .model import Grok2ForCausalLM, rope_cos_sin, softcap
 from .synth import PRESETS, SPECIALS, TOKENIZER_TEXT_CHARS, slices_of, synth_config, write_checkpoint
 from .tokenizer import GrokTokenizer, load_tokenizer, train_bpe
@@ -80,7 +81,7 @@ def model_config(preset: str | None = None, **overrides) -> GrokConfig:
 def training_documents(source: str | Path) -> tuple[list[str], list[str]]:
     """(train, held-out) documents: the built-in corpus's split, or a text file whose last 10% is held out."""
     if str(source) == "builtin":
-        return builtin_documents("train"), builtin_documents("heldout")
+        return split_documents("train"), split_documents("heldout")
     path = Path(source)
     try:
         text = path.read_text(encoding="utf-8")

@@ -8,8 +8,9 @@ import torch
 from click.testing import CliRunner
 
 from grokquant.checkpoint import Checkpoint
+from grokquant.corpus import split_documents
 from grokquant.cli import main
-from grokquant.evaluate import (DEFAULT_TOP_K, Baseline, BaselineLogits, Windows, builtin_documents, document_tokens,
+from grokquant.evaluate import (DEFAULT_TOP_K, Baseline, BaselineLogits, Windows, document_tokens,
                                 evaluate, evaluation_tokens, make_windows, mean_and_se, open_artifact, percentile,
                                 run_eval, score_pass, scored_logits)
 from grokquant.export.gguf import convert
@@ -106,7 +107,7 @@ def artifacts(tmp_path_factory) -> dict[str, Path]:
     for ftype in ("f32", "q8_0", "q4_k_m", "q2_k"):
         (paths[ftype],) = convert(FIXTURE, out / f"grok2-trained-{ftype}.gguf", GGUFRecipe(name=ftype, ftype=ftype))
     tok = load_tokenizer(FIXTURE / "tokenizer.tok.json")
-    calib = document_tokens(tok, builtin_documents("train"))[: 32 * 256].view(32, 256)
+    calib = document_tokens(tok, split_documents("train"))[: 32 * 256].view(32, 256)
     for recipe in ("gptq-w4g128", "rtn-w4g128"):
         paths[recipe] = quantize(FIXTURE, out / f"grok2-trained-{recipe}", load_recipe(recipe), calib)
     return paths
