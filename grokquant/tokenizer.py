@@ -103,6 +103,11 @@ def load_tokenizer(path: str | Path) -> GrokTokenizer:
         raise CheckpointError(f"{path}: not found") from None
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path}: unreadable tokenizer ({type(exc).__name__})") from None
+    return tokenizer_from_dict(raw, path)
+
+
+def tokenizer_from_dict(raw, path: Path) -> GrokTokenizer:
+    """A tokenizer from the parsed tok.json `raw`; `path` names it in errors."""
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path}: unreadable tokenizer (not a JSON object)")
     if raw.get("word_split") != "V1":

@@ -25,12 +25,12 @@ import torch
 import torch.nn.functional as F
 
 from .config import GrokConfig
-from .errors import GrokquantError
 from .corpus import split_documents
+from .errors import GrokquantError
 from .evaluate import document_tokens
 from .model import Grok2ForCausalLM, rope_cos_sin, softcap
 from .synth import PRESETS, SPECIALS, TOKENIZER_TEXT_CHARS, slices_of, synth_config, write_checkpoint
-from .tokenizer import GrokTokenizer, load_tokenizer, train_bpe
+from .tokenizer import tokenizer_from_dict, train_bpe
 
 # The committed fixture: 2 layers, hidden 256, dense MLP and every expert 256 wide (the narrowest that
 # keeps K-quant rows whole), vocabulary 512. ~4.2M parameters, 8.4 MB in bf16.
@@ -221,7 +221,7 @@ def train(out: str | Path, text: str | Path = "builtin", tc: TrainConfig | None 
     start = time.perf_counter()
     train_docs, heldout_docs = training_documents(text)
     tok_json = tokenizer_json("\n\n".join(train_docs), cfg.vocab_size)
-    tok = _tokenizer_from_json(tok_json)
+    tok = tokenizer_from_dict(json.loads(tok_json), Path("tokenizer.tok.json"))
     train_ids, heldout_ids = document_tokens(tok, train_docs), document_tokens(tok, heldout_docs)
     if len(train_ids) <= tc.seq_len:
         raise GrokquantError(f"training text has {len(train_ids)} tokens, fewer than one window of {tc.seq_len}")
@@ -272,16 +272,6 @@ def train(out: str | Path, text: str | Path = "builtin", tc: TrainConfig | None 
     tmp.write_text(json.dumps(asdict(result), indent=1) + "\n")
     tmp.rename(record)
     return result
-
-
-def _tokenizer_from_json(tok_json: str) -> GrokTokenizer:
-    """Load a tokenizer from its JSON text (through a temporary file, as `load_tokenizer` reads paths)."""
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as d:
-        path = Path(d) / "tokenizer.tok.json"
-        path.write_text(tok_json)
-        return load_tokenizer(path)
 
 
 def load_record(checkpoint: str | Path) -> dict | None:
