@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip
 TORCH  := torch==2.13.0
 DEMO   ?= demo-out
 
-.PHONY: venv install install-dev demo test test-slow test-interop bench clean
+.PHONY: venv install install-dev demo test test-slow test-interop test-llama-avx2 bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -57,9 +57,27 @@ $(INTEROP)/.installed: pyproject.toml
 test-interop: $(INTEROP)/.installed
 	$(INTEROP)/bin/python -m pytest -q tests/test_gptq_interop.py -p no:cacheprovider
 
+# The suite against llama.cpp compiled for another CPU feature set: AVX2 only (no AVX-512, VNNI or AMX),
+# as a user's older machine would build it. llama-cpp-python compiles for the CPU it is built on, and pip
+# would hand back its cached native wheel whatever CMAKE_ARGS says, hence --no-cache-dir. On PYTHONPATH it
+# takes the place of the venv's build for the tests and for the child processes they start.
+LLAMA_AVX2 := .venv-llama-avx2
+LLAMA_AVX2_FLAGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
+	-DGGML_AVX512=OFF -DGGML_AVX_VNNI=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
+
+$(LLAMA_AVX2)/.installed: $(VENV)/.installed-dev
+	CMAKE_ARGS="$(LLAMA_AVX2_FLAGS)" $(PIP) install -q --no-cache-dir --no-deps --target $(LLAMA_AVX2) \
+		llama-cpp-python==0.3.36
+	touch $@
+
+test-llama-avx2: $(LLAMA_AVX2)/.installed
+	PYTHONPATH=$(CURDIR)/$(LLAMA_AVX2) $(PY) -c "import llama_cpp; print(llama_cpp.__file__, \
+		llama_cpp.llama_print_system_info().decode())"
+	PYTHONPATH=$(CURDIR)/$(LLAMA_AVX2) $(PY) -m pytest -q
+
 bench: install-dev
 	$(PY) benchmarks/memory.py
 	$(PY) benchmarks/gguf_convert.py
 
 clean:
-	rm -rf $(VENV) $(INTEROP) $(DEMO) .pytest_cache
+	rm -rf $(VENV) $(INTEROP) $(LLAMA_AVX2) $(DEMO) .pytest_cache

@@ -257,14 +257,12 @@ def _llamacpp_logits(path: Path, windows: Windows) -> Iterator[torch.Tensor]:
 
 def _llama_worker(path: str, tokens_file: str, n_score: str, threads: str) -> None:
     """Child process: evaluate each window from an empty cache, write the scored logits to stdout."""
-    import llama_cpp
+    from .llama_engine import EXACT, open_llama
 
     tokens = np.load(tokens_file)
     n, ctx = tokens.shape
     n_score = int(n_score)
-    # f32 KV cache, so the cache adds no rounding; yarn_* = -1 so that the file's own YaRN keys count
-    llm = llama_cpp.Llama(path, n_ctx=ctx, n_batch=ctx, logits_all=True, verbose=False, type_k=0, type_v=0,
-                          n_threads=int(threads), yarn_beta_fast=-1.0, yarn_beta_slow=-1.0, yarn_attn_factor=-1.0)
+    llm = open_llama(path, n_ctx=ctx, n_batch=ctx, logits_all=True, verbose=False, n_threads=int(threads), **EXACT)
     out = sys.stdout.buffer
     out.write(np.int32(llm.n_vocab()).tobytes())
     for window in tokens:

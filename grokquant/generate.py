@@ -115,11 +115,9 @@ def pick_token(logits, temperature: float, top_p: float, generator) -> int:
 
 def _llamacpp(path: Path, text: str, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
               seed: int = 0) -> Iterator[str]:
-    try:
-        import llama_cpp
-    except ImportError:
-        raise GrokquantError("the llama.cpp engine needs llama-cpp-python (pip install 'grokquant[llama]')") from None
-    llm = llama_cpp.Llama(str(path), n_ctx=512, verbose=False, yarn_beta_fast=-1.0, yarn_beta_slow=-1.0,
-                          yarn_attn_factor=-1.0, seed=seed)
+    from .llama_engine import open_llama
+
+    llm = open_llama(path, n_ctx=512, verbose=False, yarn_beta_fast=-1.0, yarn_beta_slow=-1.0,
+                     yarn_attn_factor=-1.0, seed=seed)
     for piece in llm(text, max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stream=True):
         yield piece["choices"][0]["text"]

@@ -11,10 +11,14 @@ Two presets (spec grok2.md §5-6):
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import math
 from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -33,12 +37,14 @@ class Semantics:
     rope: str = "plain"  # "plain" or "yarn"
     rope_ggml: bool = False  # angles by float32 cumulative product, as ggml computes them
     residual_scale: float = 1 / 1.4142135623730951
+    rms_norm_ggml: bool = False  # the sum of squares in double and 1/sqrtf, as ggml orders it
 
 
 PRESETS = {
     "sglang": Semantics(),
     "llama.cpp": Semantics("llama.cpp", router_softcap=False, renormalize_topk=True, attn_temperature=False,
-                           gelu="tanh_f16", rope="plain", rope_ggml=True, residual_scale=math.sqrt(2) / 2),
+                           gelu="tanh_f16", rope="plain", rope_ggml=True, residual_scale=math.sqrt(2) / 2,
+                           rms_norm_ggml=True),
 }
 PRESETS["llama.cpp-yarn"] = replace(PRESETS["llama.cpp"], name="llama.cpp-yarn", rope="yarn")
 
@@ -61,10 +67,37 @@ def gelu(x: torch.Tensor, flavour: str) -> torch.Tensor:
         return F.gelu(x, approximate="tanh")
     if flavour == "tanh_f16":  # ggml CPU: table of fp16 results indexed by the fp16-rounded input
         xf = x.float()
-        y = F.gelu(xf.half().float(), approximate="tanh").half().float()
+        table = _ggml_gelu_table().to(xf.device)
+        y = table[xf.half().view(torch.int16).long() & 0xFFFF]
         y = torch.where(xf <= -10, torch.zeros_like(xf), torch.where(xf >= 10, xf, y))
         return y.to(x.dtype)
     raise ValueError(f"unknown GELU flavour {flavour!r}")
+
+
+@functools.cache
+def _ggml_gelu_table() -> torch.Tensor:
+    """ggml_table_gelu_f16 as ggml-cpu builds it: fp16(0.5f*x*(1.0f + tanhf(SQRT_2_OVER_PI*x*(1.0f +
+    GELU_COEF_A*x*x)))) for every fp16 x, in float32 in that order, with the C library's tanhf and the
+    fused multiply-add that GCC contracts `1.0f + GELU_COEF_A*x*x` into on FMA builds (ggml.c's
+    ggml_gelu_f32). Torch's own tanh GELU lands on another fp16 value in 26 of the 65536 entries."""
+    x = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
+    with np.errstate(all="ignore"):
+        ax = np.float32(0.044715) * x
+        fused = (ax.astype(np.float64) * x + 1.0).astype(np.float32)  # fmaf(ax, x, 1): the product is exact
+        inner = np.float32(0.7978845608028654) * x * fused
+        y = np.float32(0.5) * x * (np.float32(1.0) + _tanhf(inner))
+    return torch.from_numpy(y.astype(np.float16).astype(np.float32))
+
+
+def _tanhf(x: np.ndarray) -> np.ndarray:
+    """The C library's tanhf, element by element (65536 calls, once): numpy's float32 tanh is its own."""
+    try:
+        libm = ctypes.CDLL(ctypes.util.find_library("m") or "libm.so.6")
+    except OSError:  # no C library to ask: numpy's tanh, within an ulp of it
+        return np.tanh(x)
+    tanhf = libm.tanhf
+    tanhf.restype, tanhf.argtypes = ctypes.c_float, [ctypes.c_float]
+    return np.array([tanhf(v) for v in x.tolist()], dtype=np.float32)
 
 
 def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
@@ -77,9 +110,18 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
         self.eps = eps
 
+    ggml_order = False  # set from Semantics.rms_norm_ggml by the model
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.ggml_order:  # ggml_compute_forward_rms_norm_f32, then a separate multiply by the weight
+            mean = ((xf * xf).double().sum(-1, keepdim=True) / xf.shape[-1]).float()
+            eps = torch.tensor(self.eps, dtype=torch.float32)  # a float op param: added in float32
+            # sqrtf and 1.0f/ each correctly rounded: through double (torch's float32 sqrt is not, always)
+            root = torch.sqrt((mean + eps).double()).float()
+            y = xf * (1.0 / root.double()).float()
+        else:
+            y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (y * self.weight.float()).to(x.dtype)
 
 
@@ -292,6 +334,9 @@ class Grok2ForCausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         for p in self.parameters():
             p.requires_grad_(False)
+        for m in self.modules():
+            if isinstance(m, RMSNorm):
+                m.ggml_order = self.sem.rms_norm_ggml
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod

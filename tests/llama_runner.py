@@ -14,11 +14,9 @@ import numpy as np
 
 
 def load(path, **kw):
-    import llama_cpp
+    from grokquant.llama_engine import EXACT, open_llama
 
-    # f32 KV cache for tight comparisons; yarn_* = -1 so the file's YaRN keys are honoured
-    return llama_cpp.Llama(path, n_ctx=256, logits_all=True, verbose=False, type_k=0, type_v=0, n_threads=2,
-                           yarn_beta_fast=-1.0, yarn_beta_slow=-1.0, yarn_attn_factor=-1.0, **kw)
+    return open_llama(path, n_ctx=256, logits_all=True, verbose=False, n_threads=2, **EXACT, **kw)
 
 
 def main(cmd, *args):

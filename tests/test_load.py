@@ -65,11 +65,14 @@ def test_per_class_settings_pick_their_kernels(mixed_artifact):
 def test_gguf_keeps_4bit_tensors_quantized(tiny_tp8, tmp_path):
     path = convert(tiny_tp8, tmp_path / "m.gguf", GGUFRecipe("q4_k_m", "q4_k_m"))[0]
     w = GGUFWeights(path)
-    reference = Grok2ForCausalLM.from_checkpoint(w, w.semantics)  # every tensor dequantized
     model = grokquant.load(path)
     assert model.sem.name == "llama.cpp"
     assert isinstance(model.model.layers[0].block_sparse_moe.experts[0].w1, Int4Linear)  # Q4_K
     assert type(model.model.layers[0].self_attn.k_proj) is torch.nn.Linear  # Q8_0: dequantized at load
+    # The kernels compared under a continuous GELU: llama.cpp's looks its input up in fp16, so the int4
+    # kernel's float order (which depends on the CPU's ISA) moves an output by 1e-3 now and then.
+    model = grokquant.load(path, semantics="sglang")
+    reference = Grok2ForCausalLM.from_checkpoint(w, "sglang")  # every tensor dequantized
     x = tokens(reference.cfg.vocab_size)
     expected = reference(x)
     torch.testing.assert_close(model(x), expected, rtol=0, atol=1e-5 * expected.abs().max().item())

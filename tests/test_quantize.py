@@ -132,18 +132,28 @@ def gguf_gptq(tiny_tp8, tokens, tmp_path_factory):
 
 
 def test_gguf_gptq_loads_in_llamacpp_with_our_logits(gguf_gptq, tmp_path):
-    """The GPTQ-rounded file is an ordinary Q4_K_M GGUF: llama.cpp computes what our model computes on it."""
+    """The GPTQ-rounded file is an ordinary Q4_K_M GGUF: llama.cpp computes what our model computes on it,
+    within the bound that test_export_gguf.py justifies; one wrong block of weights breaks that bound."""
     from grokquant.export.gguf import plan
+    from grokquant.gguf_file import read_gguf
     from grokquant.gguf_weights import GGUFWeights
     from grokquant.recipe import GGUFRecipe
-    from test_export_gguf import TOKENS, llama_logits
+    from test_export_gguf import TOKENS, llama_logits, logits_and_bound
 
     weights = GGUFWeights(gguf_gptq)
     types = {n: i.type.name for f in weights.files for n, i in f.tensors.items()}
     assert types == {t.name: t.type.name for t in plan(weights.config, GGUFRecipe("q4_k_m", "q4_k_m"), True)}
-    ours = weights.model()(torch.tensor(TOKENS))[0].numpy()
-    ref = llama_logits(gguf_gptq, TOKENS, tmp_path)
-    assert np.abs(ours - ref).max() < 1e-4
+    ours, bound = logits_and_bound(weights, TOKENS)
+    assert np.abs(ours - llama_logits(gguf_gptq, TOKENS, tmp_path)).max() < bound
+
+    # the same file with the 4-bit codes of one Q4_K block (256 weights of one row of blk.0.attn_q) redrawn
+    info = read_gguf(gguf_gptq).tensors["blk.0.attn_q.weight"]
+    assert info.type.name == "Q4_K"
+    start = read_gguf(gguf_gptq).data_start + info.offset + 16  # past d, dmin and the 12 bytes of scales
+    data = bytearray(gguf_gptq.read_bytes())
+    data[start: start + 128] = np.random.default_rng(0).integers(0, 256, 128, dtype=np.uint8).tobytes()
+    (tmp_path / "corrupt.gguf").write_bytes(bytes(data))
+    assert np.abs(ours - llama_logits(tmp_path / "corrupt.gguf", TOKENS, tmp_path)).max() > bound
 
 
 def test_gguf_gptq_report_beats_rounding(gguf_gptq):

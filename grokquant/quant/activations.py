@@ -15,11 +15,17 @@ VEC_DOT = {"F32": "F32", "F16": "F16", "BF16": "BF16", "Q4_0": "Q8_0", "Q4_1": "
            "Q5_K": "Q8_K", "Q6_K": "Q8_K", "IQ4_XS": "Q8_K"}
 
 
+def _full(like: torch.Tensor, value: float) -> torch.Tensor:
+    # torch computes `scalar / tensor` (and `tensor / scalar`) through a reciprocal, one ulp away from C's
+    # division in about a quarter of blocks; tensor / tensor divides exactly as C does.
+    return torch.full_like(like, value)
+
+
 def _q8_0(x: torch.Tensor) -> torch.Tensor:
     # x86 quantize_row_q8_0: id = 127/amax (not 1/d), round half to even, d stored as fp16
     amax = x.abs().amax(-1, keepdim=True)
-    d = amax / 127
-    inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
+    d = amax / _full(amax, 127)
+    inv = torch.where(amax > 0, _full(amax, 127) / amax, torch.zeros_like(amax))
     return torch.round(x * inv) * d.half().float()
 
 
@@ -27,9 +33,9 @@ def _q8_k(x: torch.Tensor) -> torch.Tensor:
     # quantize_row_q8_K_ref: scale from the signed element of largest magnitude, d kept in fp32
     idx = x.abs().argmax(-1, keepdim=True)
     signed_max = torch.gather(x, -1, idx)
-    iscale = torch.where(signed_max != 0, -127 / signed_max, torch.zeros_like(signed_max))
+    iscale = torch.where(signed_max != 0, _full(signed_max, -127) / signed_max, torch.zeros_like(signed_max))
     q = torch.round(iscale * x).clamp(max=127)
-    d = torch.where(iscale != 0, 1 / iscale, torch.zeros_like(iscale))
+    d = torch.where(iscale != 0, _full(iscale, 1) / iscale, torch.zeros_like(iscale))
     return q * d
 
 
