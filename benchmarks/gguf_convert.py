@@ -24,9 +24,9 @@ import numpy as np
 import torch
 
 from grokquant.profiling import run_measured
-from grokquant.quant.ggml import quantize
-from grokquant.quant.ggml_c import ggml_quantize
-from grokquant.synth import synth
+from grokquant.quant.ggml.base import quantize
+from grokquant.quant.ggml.reference import ggml_quantize
+from grokquant.grok.synth import synth
 
 RUNNER = Path(__file__).resolve().parent.parent / "tests" / "llama_runner.py"
 

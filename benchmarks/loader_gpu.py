@@ -19,13 +19,13 @@ import time
 
 import torch
 
-from grokquant.export.gptq_format import gptq_tensors
-from grokquant.gptq_weights import PackedLinear
-from grokquant.model import Grok2ForCausalLM, KVCache
-from grokquant.placement import Placement, apply_placement
-from grokquant.qlinear import dense_linear, gptq_linear, module_bytes
+from grokquant.gptq.layout import gptq_tensors
+from grokquant.gptq.weights import PackedLinear
+from grokquant.grok.model import Grok2ForCausalLM, KVCache
+from grokquant.runtime.placement import Placement, apply_placement
+from grokquant.runtime.qlinear import dense_linear, gptq_linear, module_bytes
 from grokquant.quant.gptq import IntQuantConfig, rtn
-from grokquant.synth import synth_config
+from grokquant.grok.synth import synth_config
 
 SIZES = {  # hidden, heads, kv heads, dense width, expert width, layers, vocab
     "small": dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64, intermediate_size=512,

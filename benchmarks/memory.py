@@ -14,21 +14,21 @@ import sys
 import tempfile
 from pathlib import Path
 
-from grokquant.config import GrokConfig
+from grokquant.grok.config import GrokConfig
 from grokquant.profiling import python_measured, run_measured
-from grokquant.synth import synth
+from grokquant.grok.synth import synth
 
 # interpreter, torch, and torch's meta-device machinery (a fixed cost, loaded on first use)
 BASELINE = """
-from grokquant.model import Grok2ForCausalLM
-from grokquant.synth import synth_config
+from grokquant.grok.model import Grok2ForCausalLM
+from grokquant.grok.synth import synth_config
 Grok2ForCausalLM.empty(synth_config("tiny"))
 """
 
 STREAM = """
 import sys, torch
-from grokquant.checkpoint import Checkpoint
-from grokquant.model import streamed_logits
+from grokquant.grok.checkpoint import Checkpoint
+from grokquant.grok.model import streamed_logits
 logits = streamed_logits(Checkpoint.open(sys.argv[1]), torch.arange(128).view(2, 64))
 """
 

@@ -48,7 +48,7 @@ from pathlib import Path
 
 import psutil
 
-from grokquant.quant.mixes import FTYPES
+from grokquant.quant.ggml.mixes import FTYPES
 
 REPO = Path(__file__).resolve().parent.parent
 RUNNER = REPO / "tests" / "llama_runner.py"
@@ -173,15 +173,15 @@ def remove(*paths: Path) -> None:
 
 SYNTH = """
 import json, sys
-from grokquant.synth import synth
+from grokquant.grok.synth import synth
 synth(sys.argv[1], "tiny", **json.loads(sys.argv[2]))
 """
 
 MERGED_COPY = """
 import sys
 from pathlib import Path
-from grokquant.checkpoint import Checkpoint
-from grokquant.synth import slices_of, write_checkpoint
+from grokquant.grok.checkpoint import Checkpoint
+from grokquant.grok.synth import slices_of, write_checkpoint
 src, out = Path(sys.argv[1]), Path(sys.argv[2])
 with Checkpoint.open(src) as ckpt:
     write_checkpoint(out, ckpt.config, slices_of(ckpt.tensor), (src / "tokenizer.tok.json").read_text(),
@@ -191,19 +191,19 @@ with Checkpoint.open(src) as ckpt:
 SENTENCEPIECE = """
 import sys
 import sentencepiece as spm
-from grokquant.corpus import builtin_text
+from grokquant.data.corpus import builtin_text
 out, vocab = sys.argv[1], int(sys.argv[2])
 open(out + ".txt", "w").write(builtin_text("train", 200_000))
 spm.SentencePieceTrainer.train(input=out + ".txt", model_prefix=out, vocab_size=vocab, model_type="bpe",
                                hard_vocab_limit=False, minloglevel=2)
 """
 
-BASELINE = "import torch, grokquant.quantize"
+BASELINE = "import torch, grokquant.quantize.run"
 
 QUANTIZE = """
 import sys, torch
-from grokquant.quantize import quantize
-from grokquant.recipe import load_recipe
+from grokquant.quantize.run import quantize
+from grokquant.quantize.recipe import load_recipe
 ckpt, out, vocab, n_tokens, seq_len, expert_batch = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:])
 g = torch.Generator().manual_seed(0)
 tokens = torch.randint(vocab, (n_tokens // seq_len, seq_len), generator=g)
@@ -216,8 +216,8 @@ quantize(ckpt, out, load_recipe("gptq-w4g128"), tokens, force=True, **options)
 # further group repeats the same loads and frees (the whole layer would take hours on 2 cores)
 QUANTIZE_PROFILED = """
 import os, resource, sys, time, psutil, torch
-import grokquant.quantize as q
-from grokquant.recipe import load_recipe
+import grokquant.quantize.run as q
+from grokquant.quantize.recipe import load_recipe
 ckpt, out, vocab, n_tokens, seq_len, groups = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:])
 g = torch.Generator().manual_seed(0)
 tokens = torch.randint(vocab, (n_tokens // seq_len, seq_len), generator=g)
@@ -242,7 +242,7 @@ q.quantize(ckpt, out, load_recipe("gptq-w4g128"), tokens, force=True, expert_bat
 GPTQ_PIECE = """
 import resource, sys, time, torch
 from grokquant.quant.gptq import gptq
-from grokquant.recipe import load_recipe
+from grokquant.quantize.recipe import load_recipe
 rows, cols = int(sys.argv[1]), int(sys.argv[2])
 cfg = load_recipe("gptq-w4g128").config_for("experts")
 g = torch.Generator().manual_seed(0)
@@ -346,7 +346,7 @@ class Bench:
 
     @staticmethod
     def quantize_has_expert_batch() -> bool:
-        probe = "import inspect; from grokquant.quantize import quantize; " \
+        probe = "import inspect; from grokquant.quantize.run import quantize; " \
                 "print('expert_batch' in inspect.signature(quantize).parameters)"
         return subprocess.run(python(probe), capture_output=True, text=True).stdout.strip() == "True"
 

@@ -1,3 +1,3 @@
-from .cli import main
+from grokquant.cli import main
 
 main()

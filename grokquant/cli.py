@@ -11,7 +11,7 @@ import time
 
 import click
 
-from .errors import GrokquantError
+from grokquant.errors import GrokquantError
 
 
 class Group(click.Group):
@@ -41,8 +41,8 @@ def main():
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def inspect(checkpoint, as_json):
     """Layout, config, parameter counts, size per format, and every problem found."""
-    from .checkpoint import scan
-    from .report import describe, render
+    from grokquant.grok.checkpoint import scan
+    from grokquant.grok.report import describe, render
 
     ckpt = scan(checkpoint)
     report = describe(ckpt)
@@ -74,7 +74,7 @@ def inspect(checkpoint, as_json):
 def synth(out, preset, layout, seed, train_text, steps, force, **overrides):
     """Write a random (or, with --train, trained) Grok 2 checkpoint in the release's exact layout."""
     if train_text is None:
-        from .synth import synth as write
+        from grokquant.grok.synth import synth as write
 
         if steps is not None:
             raise GrokquantError("--steps needs --train")
@@ -83,7 +83,7 @@ def synth(out, preset, layout, seed, train_text, steps, force, **overrides):
         return
     from dataclasses import replace
 
-    from .train import TrainConfig, model_config, train
+    from grokquant.evaluate.train import TrainConfig, model_config, train
 
     tc = replace(TrainConfig(seed=seed), **({"steps": steps} if steps is not None else {}))
     every = max(1, tc.steps // 20)
@@ -127,9 +127,9 @@ def convert(checkpoint, output, ftype, recipe, rope, imatrix, split_max_size, na
     """Convert the original checkpoint to GGUF, streaming one tensor at a time."""
     from tqdm import tqdm
 
-    from .export.gguf import convert as run_convert, plan, planned_summary
-    from .imatrix import load_imatrix
-    from .recipe import GGUFRecipe, load_recipe
+    from grokquant.gguf.convert import convert as run_convert, plan, planned_summary
+    from grokquant.calibrate.imatrix import load_imatrix
+    from grokquant.quantize.recipe import GGUFRecipe, load_recipe
 
     if bool(ftype) == bool(recipe):
         raise GrokquantError("give exactly one of --type and --recipe")
@@ -137,7 +137,7 @@ def convert(checkpoint, output, ftype, recipe, rope, imatrix, split_max_size, na
     if not isinstance(rec, GGUFRecipe) or rec.calibrated:
         raise GrokquantError(f"recipe {rec.name} needs calibration data: use `grokquant quantize`")
     imat = load_imatrix(imatrix) if imatrix else None
-    from .checkpoint import Checkpoint
+    from grokquant.grok.checkpoint import Checkpoint
 
     with Checkpoint.open(checkpoint) as ckpt:
         tensors = plan(ckpt.config, rec, has_imatrix=imat is not None)
@@ -188,10 +188,10 @@ def calibrate(checkpoint, output, data, n_tokens, seq_len, seed, chat, imatrix_o
     """Collect per-expert calibration statistics, one layer at a time."""
     from tqdm import tqdm
 
-    from .calib_data import calibration_tokens
-    from .calibrate import calibrate as run_calibrate, coverage_problems, render_coverage
-    from .checkpoint import Checkpoint
-    from .tokenizer import load_tokenizer
+    from grokquant.data.documents import calibration_tokens
+    from grokquant.calibrate.statistics import calibrate as run_calibrate, coverage_problems, render_coverage
+    from grokquant.grok.checkpoint import Checkpoint
+    from grokquant.grok.tokenizer import load_tokenizer
 
     with Checkpoint.open(checkpoint) as ckpt:
         tokens = calibration_tokens(load_tokenizer(ckpt.tokenizer_path), data, n_tokens, seq_len, seed, chat)
@@ -233,16 +233,16 @@ def quantize(checkpoint, output, recipe, data, n_tokens, seq_len, seed, chat, de
     """Calibrated quantization (GPTQ directory or GGUF file); resumes after an interruption."""
     from tqdm import tqdm
 
-    from .calib_data import calibration_tokens
-    from .checkpoint import Checkpoint
-    from .quantize import quantize as run_quantize, read_report
-    from .recipe import GGUFRecipe, load_recipe
-    from .tokenizer import load_tokenizer
+    from grokquant.data.documents import calibration_tokens
+    from grokquant.grok.checkpoint import Checkpoint
+    from grokquant.quantize.run import quantize as run_quantize, read_report
+    from grokquant.quantize.recipe import GGUFRecipe, load_recipe
+    from grokquant.grok.tokenizer import load_tokenizer
 
     rec = load_recipe(recipe)
     if isinstance(rec, GGUFRecipe) and not rec.calibrated:
         raise GrokquantError(f"recipe {rec.name} is not calibrated (method reference): use `grokquant convert`")
-    from .distributed import init_from_env
+    from grokquant.quantize.distributed import init_from_env
 
     group, device = init_from_env(resolve_device(device))  # torchrun: one rank of many
     with Checkpoint.open(checkpoint) as ckpt:
@@ -295,8 +295,8 @@ def resolve_device(device: str) -> str:
 def run(artifact, prompt, max_new_tokens, chat, engine, semantics, temperature, top_p, seed, device, gpu_memory,
         cpu_memory):
     """Stream generated text from a checkpoint, a GPTQ directory or a GGUF file."""
-    from .generate import generate
-    from .tokenizer import format_chat
+    from grokquant.runtime.generate import generate
+    from grokquant.grok.tokenizer import format_chat
 
     click.echo(format_chat([{"role": "user", "content": prompt}]) if chat else prompt, nl=False)
     for piece in generate(artifact, prompt, max_new_tokens, chat, engine, semantics, temperature, top_p, seed,
@@ -316,8 +316,8 @@ def run(artifact, prompt, max_new_tokens, chat, engine, semantics, temperature, 
 @click.option("--reserve", default="1GiB", show_default=True, help="Kept free on each GPU (CUDA context, activations).")
 def plan(checkpoint, recipe, gpu_memory, n_gpus, ram, context, reserve):
     """Sizes per tensor class, KV cache and placement over GPUs and RAM (real Grok 2 unless CHECKPOINT)."""
-    from .load import open_source, parse_memory
-    from .plan import plan as make, render
+    from grokquant.runtime.load import open_source, parse_memory
+    from grokquant.runtime.plan import plan as make, render
 
     cfg = open_source(checkpoint).config if checkpoint else None
     report = make(recipe, parse_memory(gpu_memory), n_gpus, parse_memory(ram), context, parse_memory(reserve), cfg)
@@ -352,7 +352,7 @@ def eval_(artifacts, data, ctx, stride, chunks, baseline, save_baseline, top_k, 
           as_json, plot_path):
     """Perplexity of checkpoints, GPTQ directories and GGUF files; KL divergence, top-1 agreement
     and Δp against a baseline (the statistics of llama-perplexity --kl-divergence)."""
-    from .evaluate import plot, render, require_matplotlib, run_eval, to_json
+    from grokquant.evaluate.evaluate import plot, render, require_matplotlib, run_eval, to_json
 
     if plot_path:
         require_matplotlib()  # before the evaluation, not after it

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from grokquant.synth import synth
+from grokquant.grok.synth import synth
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ import numpy as np
 
 
 def load(path, **kw):
-    from grokquant.llama_engine import EXACT, open_llama
+    from grokquant.runtime.llama_engine import EXACT, open_llama
 
     return open_llama(path, n_ctx=256, logits_all=True, verbose=False, n_threads=2, **EXACT, **kw)
 

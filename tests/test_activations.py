@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from grokquant.model import RMSNorm, _ggml_gelu_table
-from grokquant.quant.activations import round_activations
+from grokquant.grok.model import RMSNorm, _ggml_gelu_table
+from grokquant.quant.ggml.activations import round_activations
 
 llama_cpp = pytest.importorskip("llama_cpp")
 

@@ -3,9 +3,9 @@ import json
 import pytest
 import torch
 
-from grokquant.calib_data import calibration_tokens, load_documents
+from grokquant.data.documents import calibration_tokens, load_documents
 from grokquant.errors import GrokquantError
-from grokquant.tokenizer import load_tokenizer
+from grokquant.grok.tokenizer import load_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -1,11 +1,11 @@
 import torch
 from gguf import GGUFReader
 
-from grokquant.calibrate import collect, coverage_problems, imatrix_entries, load_stats, save_stats
-from grokquant.checkpoint import Checkpoint
-from grokquant.imatrix import load_imatrix, save_imatrix
-from grokquant.model import Grok2ForCausalLM, rope_cos_sin
-from grokquant.synth import random_slice, synth_config, write_checkpoint
+from grokquant.calibrate.statistics import collect, coverage_problems, imatrix_entries, load_stats, save_stats
+from grokquant.grok.checkpoint import Checkpoint
+from grokquant.calibrate.imatrix import load_imatrix, save_imatrix
+from grokquant.grok.model import Grok2ForCausalLM, rope_cos_sin
+from grokquant.grok.synth import random_slice, synth_config, write_checkpoint
 
 
 def test_statistics_equal_independent_computation(tiny_tp8):

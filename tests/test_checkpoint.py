@@ -6,8 +6,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from grokquant.checkpoint import Checkpoint, scan
-from grokquant.config import GrokConfig, expert_name
+from grokquant.grok.checkpoint import Checkpoint, scan
+from grokquant.grok.config import GrokConfig, expert_name
 from grokquant.errors import CheckpointError
 
 

@@ -5,7 +5,7 @@ import sys
 from click.testing import CliRunner
 
 from grokquant.cli import main
-from grokquant.config import GrokConfig
+from grokquant.grok.config import GrokConfig
 
 
 def invoke(*args):

@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from grokquant.distributed import assign
+from grokquant.quantize.distributed import assign
 
 # identical bytes need the same intra-op threads per process: BLAS results depend on the thread count
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -7,16 +7,16 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from grokquant.checkpoint import Checkpoint
-from grokquant.corpus import split_documents
+from grokquant.grok.checkpoint import Checkpoint
+from grokquant.data.corpus import split_documents
 from grokquant.cli import main
-from grokquant.evaluate import (DEFAULT_TOP_K, Baseline, BaselineLogits, Windows, document_tokens,
+from grokquant.evaluate.evaluate import (DEFAULT_TOP_K, Baseline, BaselineLogits, Windows, document_tokens,
                                 evaluate, evaluation_tokens, make_windows, mean_and_se, open_artifact, percentile,
                                 run_eval, score_pass, scored_logits)
-from grokquant.export.gguf import convert
-from grokquant.quantize import quantize
-from grokquant.recipe import GGUFRecipe, load_recipe
-from grokquant.tokenizer import load_tokenizer
+from grokquant.gguf.convert import convert
+from grokquant.quantize.run import quantize
+from grokquant.quantize.recipe import GGUFRecipe, load_recipe
+from grokquant.grok.tokenizer import load_tokenizer
 
 FIXTURE = Path(__file__).parent / "data" / "grok2-trained"
 CTX, CHUNKS = 256, 16  # 16 windows, 2032 scored held-out tokens

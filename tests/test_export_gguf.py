@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from grokquant.errors import GrokquantError
-from grokquant.export.gguf import convert, plan, validate
-from grokquant.gguf_file import read_gguf
-from grokquant.gguf_weights import GGUFWeights
-from grokquant.model import Grok2ForCausalLM
-from grokquant.recipe import GGUFRecipe, load_recipe
-from grokquant.tokenizer import format_chat, load_tokenizer
+from grokquant.gguf.convert import convert, plan, validate
+from grokquant.gguf.file import read_gguf
+from grokquant.gguf.weights import GGUFWeights
+from grokquant.grok.model import Grok2ForCausalLM
+from grokquant.quantize.recipe import GGUFRecipe, load_recipe
+from grokquant.grok.tokenizer import format_chat, load_tokenizer
 
 RUNNER = str(Path(__file__).with_name("llama_runner.py"))
 TOKENS = [5, 77, 300, 12, 9, 401, 2, 33, 150, 151, 260, 7]
@@ -67,7 +67,7 @@ def f32_gguf(tiny_tp8, tmp_path_factory):
 
 
 def test_f32_logits_match_llamacpp(tiny_tp8, f32_gguf, tmp_path):
-    from grokquant.checkpoint import Checkpoint
+    from grokquant.grok.checkpoint import Checkpoint
 
     ref = llama_logits(f32_gguf, TOKENS, tmp_path)
     ckpt = Checkpoint.open(tiny_tp8)
@@ -167,7 +167,7 @@ def test_validate_rejects_non_finite_scales(tiny_tp8, f32_gguf, tmp_path):
     info = f.tensors["blk.0.attn_q.weight"]
     data[f.data_start + info.offset: f.data_start + info.offset + 4] = np.float32(np.nan).tobytes()
     bad.write_bytes(bytes(data))
-    from grokquant.checkpoint import Checkpoint
+    from grokquant.grok.checkpoint import Checkpoint
     with pytest.raises(GrokquantError, match="non-finite"):
         validate(bad, plan(Checkpoint.open(tiny_tp8).config, GGUFRecipe("f32", "f32")))
 

@@ -4,13 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from grokquant.export.gguf import convert, plan
-from grokquant.gguf_file import read_gguf
-from grokquant.gguf_weights import GGUFWeights
-from grokquant.model import Grok2ForCausalLM
-from grokquant.quant.mixes import FTYPES
-from grokquant.recipe import GGUFRecipe
-from grokquant.synth import synth
+from grokquant.gguf.convert import convert, plan
+from grokquant.gguf.file import read_gguf
+from grokquant.gguf.weights import GGUFWeights
+from grokquant.grok.model import Grok2ForCausalLM
+from grokquant.quant.ggml.mixes import FTYPES
+from grokquant.quantize.recipe import GGUFRecipe
+from grokquant.grok.synth import synth
 from test_export_gguf import TOKENS, llama, llama_logits, logits_and_bound
 
 # GGML type -> a llama.cpp file type whose default it is (used with --pure)
@@ -81,7 +81,7 @@ def test_mix_types_equal_llama_quantize(deep, tmp_path, ftype):
 def test_quantized_logits_match_llamacpp(tiny_tp8, tmp_path, ftype):
     """Our model on the file's own dequantized weights, rounding activations as ggml's CPU backend does:
     within the bound test_export_gguf.py justifies, and far closer than quantization moves the logits."""
-    from grokquant.checkpoint import Checkpoint
+    from grokquant.grok.checkpoint import Checkpoint
 
     path = convert(tiny_tp8, tmp_path / f"{ftype}.gguf", GGUFRecipe(ftype, ftype))[0]
     ours, bound = logits_and_bound(GGUFWeights(path), TOKENS)
@@ -97,7 +97,7 @@ def test_quantized_logits_match_llamacpp(tiny_tp8, tmp_path, ftype):
 @pytest.mark.parametrize("ftype", ["q4_k_m", "iq4_xs", "q4_0"])
 def test_imatrix_conversion_equals_llama_quantize(tiny_tp8, f32, tmp_path, ftype):
     """Per-expert importance from a GGUF imatrix: our file equals llama_model_quantize given the same data."""
-    from grokquant.imatrix import load_imatrix, save_imatrix
+    from grokquant.calibrate.imatrix import load_imatrix, save_imatrix
 
     cfg = GGUFWeights(f32).config
     gen = torch.Generator().manual_seed(5)

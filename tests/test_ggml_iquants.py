@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from grokquant.quant.ggml_c import ggml_quantize, ggml_validate
-from grokquant.quant import ggml_iquants as iq
-from grokquant.quant.ggml import QUANTIZERS, dequantize, quantize
+from grokquant.quant.ggml.reference import ggml_quantize, ggml_validate
+from grokquant.quant.ggml import iquants as iq
+from grokquant.quant.ggml.base import QUANTIZERS, dequantize, quantize
 
 TYPES = ["IQ4_NL", "IQ4_XS", "Q2_K", "Q3_K"]
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from grokquant.quant.ggml_c import ggml_quantize, ggml_validate
-from grokquant.quant import ggml_kquants as K
+from grokquant.quant.ggml.reference import ggml_quantize, ggml_validate
+from grokquant.quant.ggml import kquants as K
 
 TYPES = ["Q4_K", "Q5_K", "Q6_K"]
 QUANT = {t: getattr(K, t)() for t in TYPES}

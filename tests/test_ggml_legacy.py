@@ -12,10 +12,10 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from grokquant.quant.ggml_c import ggml_quantize, ggml_validate
+from grokquant.quant.ggml.reference import ggml_quantize, ggml_validate
 
-from grokquant.quant import ggml_legacy
-from grokquant.quant.ggml import QUANTIZERS, dequantize, quantize
+from grokquant.quant.ggml import legacy as ggml_legacy
+from grokquant.quant.ggml.base import QUANTIZERS, dequantize, quantize
 
 TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]
 QK = 32

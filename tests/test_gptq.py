@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from grokquant.calibrate import collect
-from grokquant.checkpoint import Checkpoint
+from grokquant.calibrate.statistics import collect
+from grokquant.grok.checkpoint import Checkpoint
 from grokquant.quant.gptq import IntQuantConfig, gptq, output_error, rtn
 
 CONFIGS = [IntQuantConfig(), IntQuantConfig(sym=False), IntQuantConfig(act_order=True),

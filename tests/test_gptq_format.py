@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from grokquant.export.gptq_format import gptq_tensors, packable
+from grokquant.gptq.layout import gptq_tensors, packable
 from grokquant.quant.gptq import IntQuantConfig, gptq, rtn
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from grokquant.quant.ggml import QUANTIZERS
+from grokquant.quant.ggml.base import QUANTIZERS
 from grokquant.quant.gptq_ggml import ggml_rtn, gptq_ggml
 
 

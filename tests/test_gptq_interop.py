@@ -18,12 +18,12 @@ from auto_gptq.modeling._base import BaseQuantizeConfig  # noqa: E402
 from auto_gptq.utils.import_utils import dynamically_import_QuantLinear  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
-from grokquant.calib_data import calibration_tokens  # noqa: E402
-from grokquant.checkpoint import Checkpoint  # noqa: E402
-from grokquant.quantize import GPTQRecipe, quantize  # noqa: E402
-from grokquant.recipe import load_recipe  # noqa: E402
-from grokquant.synth import synth  # noqa: E402
-from grokquant.tokenizer import load_tokenizer  # noqa: E402
+from grokquant.data.documents import calibration_tokens  # noqa: E402
+from grokquant.grok.checkpoint import Checkpoint  # noqa: E402
+from grokquant.quantize.run import GPTQRecipe, quantize  # noqa: E402
+from grokquant.quantize.recipe import load_recipe  # noqa: E402
+from grokquant.grok.synth import synth  # noqa: E402
+from grokquant.grok.tokenizer import load_tokenizer  # noqa: E402
 from test_gptq_format import unpack_v1  # noqa: E402
 
 PARTS = ("qweight", "qzeros", "scales", "g_idx")

@@ -6,16 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from grokquant.calib_data import calibration_tokens
-from grokquant.checkpoint import Checkpoint
+from grokquant.data.documents import calibration_tokens
+from grokquant.grok.checkpoint import Checkpoint
 from grokquant.errors import GrokquantError
-from grokquant.export.gptq_format import gptq_tensors
-from grokquant.gptq_weights import GPTQWeights, PackedLinear, Quantization, is_gptq_dir
-from grokquant.model import Grok2ForCausalLM
+from grokquant.gptq.layout import gptq_tensors
+from grokquant.gptq.weights import GPTQWeights, PackedLinear, Quantization, is_gptq_dir
+from grokquant.grok.model import Grok2ForCausalLM
 from grokquant.quant.gptq import IntQuantConfig, gptq, rtn
-from grokquant.quantize import quantize
-from grokquant.recipe import load_recipe
-from grokquant.tokenizer import load_tokenizer
+from grokquant.quantize.run import quantize
+from grokquant.quantize.recipe import load_recipe
+from grokquant.grok.tokenizer import load_tokenizer
 from test_gptq_format import unpack_v1
 
 

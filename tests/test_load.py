@@ -5,16 +5,16 @@ import torch
 from click.testing import CliRunner
 
 import grokquant
-from grokquant.checkpoint import Checkpoint
+from grokquant.grok.checkpoint import Checkpoint
 from grokquant.cli import main
 from grokquant.errors import GrokquantError
-from grokquant.export.gguf import convert
-from grokquant.generate import pick_token, sample_iter
-from grokquant.gguf_weights import GGUFWeights
-from grokquant.gptq_weights import GPTQWeights
-from grokquant.model import Grok2ForCausalLM
-from grokquant.qlinear import GPTQLinear, Int4Linear, Int8Linear
-from grokquant.recipe import GGUFRecipe
+from grokquant.gguf.convert import convert
+from grokquant.runtime.generate import pick_token, sample_iter
+from grokquant.gguf.weights import GGUFWeights
+from grokquant.gptq.weights import GPTQWeights
+from grokquant.grok.model import Grok2ForCausalLM
+from grokquant.runtime.qlinear import GPTQLinear, Int4Linear, Int8Linear
+from grokquant.quantize.recipe import GGUFRecipe
 from test_gptq_weights import make_artifact, one_thread  # noqa: F401 (autouse fixture)
 
 

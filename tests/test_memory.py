@@ -5,7 +5,7 @@ import sys
 import pytest
 
 from grokquant.profiling import python_measured, run_measured
-from grokquant.synth import synth
+from grokquant.grok.synth import synth
 
 from conftest import WIDE
 
@@ -13,15 +13,15 @@ LAYER_F32_BYTES = 4 * (8 * 3 * 256 * 4096 + 3 * 256 * 2048 + 4 * 256 * 256)
 
 # interpreter, torch, and torch's meta-device machinery (a fixed cost, loaded on first use)
 BASELINE = """
-from grokquant.model import Grok2ForCausalLM
-from grokquant.synth import synth_config
+from grokquant.grok.model import Grok2ForCausalLM
+from grokquant.grok.synth import synth_config
 Grok2ForCausalLM.empty(synth_config("tiny"))
 """
 
 STREAM = """
 import sys, torch
-from grokquant.checkpoint import Checkpoint
-from grokquant.model import streamed_logits
+from grokquant.grok.checkpoint import Checkpoint
+from grokquant.grok.model import streamed_logits
 ckpt = Checkpoint.open(sys.argv[1])
 logits = streamed_logits(ckpt, torch.arange(64).view(2, 32))
 assert torch.isfinite(logits).all()
@@ -67,8 +67,8 @@ def test_convert_memory_is_bounded(checkpoints, tmp_path):
 
 QUANTIZE = """
 import sys, torch
-from grokquant.quantize import quantize
-from grokquant.recipe import GPTQRecipe
+from grokquant.quantize.run import quantize
+from grokquant.quantize.recipe import GPTQRecipe
 tokens = torch.randint(0, 500, (4, 64), generator=torch.Generator().manual_seed(0))
 quantize(sys.argv[1], sys.argv[2], GPTQRecipe(method="rtn"), tokens, expert_batch=int(sys.argv[3]))
 """
@@ -90,7 +90,7 @@ def test_quantize_one_expert_at_a_time_bounds_memory(wide_tp8, tmp_path):
 
 CALIBRATE = """
 import sys, torch
-from grokquant.calibrate import calibrate
+from grokquant.calibrate.statistics import calibrate
 tokens = torch.randint(0, 500, (4, 64), generator=torch.Generator().manual_seed(0))
 calibrate(sys.argv[1], sys.argv[2], tokens)
 """

@@ -4,9 +4,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from grokquant.checkpoint import Checkpoint
-from grokquant.config import GrokConfig
-from grokquant.model import (PRESETS, Grok2ForCausalLM, KVCache, Semantics, gelu, rope_cos_sin, streamed_logits,
+from grokquant.grok.checkpoint import Checkpoint
+from grokquant.grok.config import GrokConfig
+from grokquant.grok.model import (PRESETS, Grok2ForCausalLM, KVCache, Semantics, gelu, rope_cos_sin, streamed_logits,
                              yarn_corr_dims)
 
 

@@ -5,7 +5,7 @@ import torch
 
 import grokquant
 from grokquant.errors import GrokquantError
-from grokquant.placement import (DoesNotFit, ExpertCache, LayerBytes, ModelBytes, OffloadedMoE, Placement,
+from grokquant.runtime.placement import (DoesNotFit, ExpertCache, LayerBytes, ModelBytes, OffloadedMoE, Placement,
                                  plan_placement)
 from test_gptq_weights import make_artifact, one_thread  # noqa: F401 (autouse fixture)
 
@@ -112,7 +112,7 @@ def test_offloaded_model_equals_the_all_on_one_device_model(artifact):
     reference = grokquant.load(artifact)
     x = torch.randint(0, reference.cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
     expected = reference(x)
-    from grokquant.load import Builder, model_bytes, open_source
+    from grokquant.runtime.load import Builder, model_bytes, open_source
 
     s = model_bytes(Builder(open_source(artifact), "auto", None, torch.float32), "cpu")
     expert = max(s.layers[0].experts)

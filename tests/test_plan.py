@@ -6,10 +6,10 @@ import pytest
 from click.testing import CliRunner
 
 from grokquant.cli import main
-from grokquant.config import GrokConfig
-from grokquant.placement import GiB
-from grokquant.plan import _layer_regex, plan, render
-from grokquant.sizes import format_bytes
+from grokquant.grok.config import GrokConfig
+from grokquant.runtime.placement import GiB
+from grokquant.runtime.plan import _layer_regex, plan, render
+from grokquant.runtime.sizes import format_bytes
 
 
 @pytest.fixture(scope="module")

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from grokquant.export.gptq_format import gptq_tensors
-from grokquant.gptq_weights import PackedLinear
-from grokquant.qlinear import (GPTQLinear, Int4Linear, Int8Linear, bnb_linear, gptq_linear, int4_from_ggml,
+from grokquant.gptq.layout import gptq_tensors
+from grokquant.gptq.weights import PackedLinear
+from grokquant.runtime.qlinear import (GPTQLinear, Int4Linear, Int8Linear, bnb_linear, gptq_linear, int4_from_ggml,
                                linear_bytes, module_bytes)
-from grokquant.quant.ggml import dequantize, quantize
+from grokquant.quant.ggml.base import dequantize, quantize
 from grokquant.quant.gptq import IntQuantConfig, gptq
 from test_gptq_weights import one_thread  # noqa: F401 (autouse fixture)
 

@@ -5,11 +5,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from grokquant.calib_data import calibration_tokens
-from grokquant.checkpoint import Checkpoint
+from grokquant.data.documents import calibration_tokens
+from grokquant.grok.checkpoint import Checkpoint
 from grokquant.errors import GrokquantError
-from grokquant.quantize import GPTQRecipe, quantize
-from grokquant.tokenizer import load_tokenizer
+from grokquant.quantize.run import GPTQRecipe, quantize
+from grokquant.grok.tokenizer import load_tokenizer
 from test_gptq_format import unpack_v1
 
 
@@ -93,7 +93,7 @@ def test_report_and_sequential_mode(artifact, tiny_tp8, tokens, tmp_path):
 def test_experts_without_tokens_are_never_zeroed(tmp_path, policy):
     """A router that never picks experts 4..7: each policy quantizes them to finite, non-zero weights."""
     from grokquant.quant.gptq import IntQuantConfig, rtn
-    from grokquant.synth import random_slice, synth_config, write_checkpoint
+    from grokquant.grok.synth import random_slice, synth_config, write_checkpoint
 
     cfg = synth_config("tiny", num_hidden_layers=1)
     base = random_slice(cfg, 0)
@@ -125,7 +125,7 @@ def test_experts_without_tokens_are_never_zeroed(tmp_path, policy):
 
 @pytest.fixture(scope="module")
 def gguf_gptq(tiny_tp8, tokens, tmp_path_factory):
-    from grokquant.recipe import load_recipe
+    from grokquant.quantize.recipe import load_recipe
 
     return quantize(tiny_tp8, tmp_path_factory.mktemp("qg") / "tiny-q4_k_m-gptq.gguf", load_recipe("q4_k_m-gptq"),
                     tokens)
@@ -134,10 +134,10 @@ def gguf_gptq(tiny_tp8, tokens, tmp_path_factory):
 def test_gguf_gptq_loads_in_llamacpp_with_our_logits(gguf_gptq, tmp_path):
     """The GPTQ-rounded file is an ordinary Q4_K_M GGUF: llama.cpp computes what our model computes on it,
     within the bound that test_export_gguf.py justifies; one wrong block of weights breaks that bound."""
-    from grokquant.export.gguf import plan
-    from grokquant.gguf_file import read_gguf
-    from grokquant.gguf_weights import GGUFWeights
-    from grokquant.recipe import GGUFRecipe
+    from grokquant.gguf.convert import plan
+    from grokquant.gguf.file import read_gguf
+    from grokquant.gguf.weights import GGUFWeights
+    from grokquant.quantize.recipe import GGUFRecipe
     from test_export_gguf import TOKENS, llama_logits, logits_and_bound
 
     weights = GGUFWeights(gguf_gptq)
@@ -157,7 +157,7 @@ def test_gguf_gptq_loads_in_llamacpp_with_our_logits(gguf_gptq, tmp_path):
 
 
 def test_gguf_gptq_report_beats_rounding(gguf_gptq):
-    from grokquant.quantize import read_report
+    from grokquant.quantize.run import read_report
 
     report = {r["class"]: r for r in read_report(gguf_gptq)}
     assert set(report) == {"attention", "dense_mlp", "experts"}
@@ -169,10 +169,10 @@ def test_gguf_gptq_report_beats_rounding(gguf_gptq):
 
 def test_gguf_imatrix_method_equals_convert_with_our_imatrix(tiny_tp8, tokens, tmp_path):
     """method: imatrix rounds exactly as convert --imatrix (itself byte-identical to llama-quantize)."""
-    from grokquant.calibrate import calibrate
-    from grokquant.export.gguf import convert
-    from grokquant.imatrix import load_imatrix
-    from grokquant.recipe import GGUFRecipe
+    from grokquant.calibrate.statistics import calibrate
+    from grokquant.gguf.convert import convert
+    from grokquant.calibrate.imatrix import load_imatrix
+    from grokquant.quantize.recipe import GGUFRecipe
     from test_export_quantized import compare_files
 
     ours = quantize(tiny_tp8, tmp_path / "ours.gguf", GGUFRecipe("q", "q4_k_m", method="imatrix", min_tokens=0),
@@ -184,7 +184,7 @@ def test_gguf_imatrix_method_equals_convert_with_our_imatrix(tiny_tp8, tokens, t
 
 
 def test_gguf_interrupted_run_resumes_to_identical_bytes(gguf_gptq, tiny_tp8, tokens, tmp_path):
-    from grokquant.recipe import load_recipe
+    from grokquant.quantize.recipe import load_recipe
 
     out = tmp_path / "resumed.gguf"
     with pytest.raises(KeyboardInterrupt):
@@ -198,8 +198,8 @@ def test_gguf_interrupted_run_resumes_to_identical_bytes(gguf_gptq, tiny_tp8, to
 
 
 def test_recipes_go_to_the_right_command(tiny_tp8, tokens, tmp_path):
-    from grokquant.export.gguf import convert
-    from grokquant.recipe import load_recipe
+    from grokquant.gguf.convert import convert
+    from grokquant.quantize.recipe import load_recipe
 
     with pytest.raises(GrokquantError, match="grokquant quantize"):
         convert(tiny_tp8, tmp_path / "x.gguf", load_recipe("q4_k_m-imatrix"))

@@ -2,12 +2,12 @@
 
 import torch
 
-from grokquant.calibrate import LayerStats
-from grokquant.config import expert_name
+from grokquant.calibrate.statistics import LayerStats
+from grokquant.grok.config import expert_name
 from grokquant.quant.gptq import rtn
-from grokquant.quantize_layer import Item, build_stack, last_uses, layer_items, quantize_int, stats_groups
-from grokquant.recipe import GPTQRecipe
-from grokquant.synth import synth_config
+from grokquant.quantize.items import Item, build_stack, last_uses, layer_items, quantize_int, stats_groups
+from grokquant.quantize.recipe import GPTQRecipe
+from grokquant.grok.synth import synth_config
 
 
 def names(items, take):

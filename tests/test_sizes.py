@@ -1,7 +1,7 @@
-from grokquant.config import GrokConfig
-from grokquant.gguf_names import gguf_tensors
-from grokquant.sizes import format_bytes, param_counts
-from grokquant.quant.mixes import tensor_type
+from grokquant.grok.config import GrokConfig
+from grokquant.grok.names import gguf_tensors
+from grokquant.runtime.sizes import format_bytes, param_counts
+from grokquant.quant.ggml.mixes import tensor_type
 
 
 def test_real_grok2_sizes_match_spec():

@@ -4,10 +4,10 @@ import re
 import pytest
 import torch
 
-from grokquant.checkpoint import Checkpoint, scan
-from grokquant.config import GrokConfig
+from grokquant.grok.checkpoint import Checkpoint, scan
+from grokquant.grok.config import GrokConfig
 from grokquant.errors import GrokquantError
-from grokquant.synth import PRESETS, synth, synth_config
+from grokquant.grok.synth import PRESETS, synth, synth_config
 
 RELEASE_KEYS = {
     "architectures", "model_type", "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",

@@ -3,9 +3,9 @@ import json
 import pytest
 import regex
 
-from grokquant.corpus import builtin_text
+from grokquant.data.corpus import builtin_text
 from grokquant.errors import CheckpointError
-from grokquant.tokenizer import PAT_STR_B, format_chat, load_tokenizer, train_bpe
+from grokquant.grok.tokenizer import PAT_STR_B, format_chat, load_tokenizer, train_bpe
 
 SAMPLES = [
     "Hello, world! The quick brown fox jumps over the lazy dog.",

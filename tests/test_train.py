@@ -7,9 +7,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from grokquant.checkpoint import Checkpoint
+from grokquant.grok.checkpoint import Checkpoint
 from grokquant.cli import main
-from grokquant.train import FIXTURE_MODEL, TrainConfig, init_model, model_config, train
+from grokquant.evaluate.train import FIXTURE_MODEL, TrainConfig, init_model, model_config, train
 
 FIXTURE = Path(__file__).parent / "data" / "grok2-trained"
 DOCS = Path(__file__).parent.parent / "docs" / "quality.md"

@@ -17,8 +17,8 @@ from typing import NamedTuple
 
 import torch
 
-from .ggml import QUANTIZERS
-from .gptq import upper_cholesky_of_inverse
+from grokquant.quant.ggml.base import QUANTIZERS
+from grokquant.quant.gptq import upper_cholesky_of_inverse
 
 
 def _quantize_block_columns(q, W: torch.Tensor, importance: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,227 @@
+"""Layer-streamed calibration: push calibration tokens through the model one decoder layer at a
+time and collect, for every linear input, the diagonal statistics (Σx², the importance matrix) and
+optionally the full Hessian Σxxᵀ that GPTQ uses.
+
+Inputs that share a matrix share statistics: q/k/v (one), dense gate/up (one), and per expert
+w1/w3 (one, from the tokens the router sends to that expert); each expert's w2 sees that expert's
+own intermediate activations. A layer runs in parts: attention, router and dense MLP for every batch,
+then one expert at a time on the tokens routed to it (bit-identical to the whole layer's forward).
+Memory: the dense part's weights or one expert's, the hidden states of all calibration tokens, and
+the statistics of one layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+from grokquant.grok.checkpoint import Checkpoint
+from grokquant.grok.model import Grok2ForCausalLM, rope_cos_sin
+
+# linear (relative to its decoder layer) -> the statistics group of its input
+SHARED_INPUTS = {"self_attn.q_proj": "attn_qkv", "self_attn.o_proj": "attn_o", "mlp.gate_proj": "mlp_gate_up",
+                 "mlp.down_proj": "mlp_down"}
+
+
+def group_of(linear: str) -> str | None:
+    """Statistics group of a linear's input, e.g. block_sparse_moe.experts.3.w1 -> expert3_w13."""
+    if linear in SHARED_INPUTS:
+        return SHARED_INPUTS[linear]
+    parts = linear.split(".")
+    if len(parts) == 4 and parts[:2] == ["block_sparse_moe", "experts"] and parts[3] in ("w1", "w2"):
+        return f"expert{parts[2]}_{'w2' if parts[3] == 'w2' else 'w13'}"
+    return None  # k/v/up/w3 share their group's input; the router is never quantized
+
+
+@dataclass
+class LayerStats:
+    layer: int
+    sum2: dict[str, torch.Tensor] = field(default_factory=dict)  # group -> Σx² per input column
+    count: dict[str, int] = field(default_factory=dict)  # group -> rows (tokens) seen
+    hessian: dict[str, torch.Tensor] = field(default_factory=dict)  # group -> Σxxᵀ (when collected)
+    with_hessians: bool = False  # collected (entries may since have been handed to the quantizers)
+
+    def expert_tokens(self, n_experts: int) -> list[int]:
+        return [self.count.get(f"expert{e}_w13", 0) for e in range(n_experts)]
+
+
+class _Collector:
+    """Forward pre-hooks on one decoder layer's linears that accumulate their inputs' statistics."""
+
+    def __init__(self, layer_module: torch.nn.Module, stats: LayerStats, hessians: bool):
+        self.stats, self.hessians, self.handles = stats, hessians, []
+        self.active = True  # False: forward passes that must not count (e.g. through quantized weights)
+        for name, module in layer_module.named_modules():
+            group = group_of(name)
+            if group is not None:
+                self.handles.append(module.register_forward_pre_hook(self._hook(group)))
+
+    def _hook(self, group: str):
+        def hook(module, args):
+            if not self.active:
+                return
+            x = args[0].reshape(-1, args[0].shape[-1]).float()
+            s = self.stats
+            if group not in s.sum2:
+                s.sum2[group] = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
+                s.count[group] = 0
+                if self.hessians:
+                    s.hessian[group] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
+            s.sum2[group] += x.pow(2).sum(0, dtype=torch.float64)
+            s.count[group] += x.shape[0]
+            if self.hessians:
+                s.hessian[group].addmm_(x.t(), x)
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+@torch.no_grad()
+def collect(ckpt: Checkpoint, tokens: torch.Tensor, semantics: str = "sglang", hessians: bool = False,
+            batch_size: int = 8, device: str = "cpu",
+            on_layer: Callable[[LayerStats], None] | None = None) -> Iterator[LayerStats]:
+    """Yield each layer's statistics in turn (drop a layer's Hessians before asking for the next).
+
+    tokens: [n_sequences, seq_len]. The hidden states of layer l+1 come from the unquantized layer l
+    (the fast, independent mode).
+    """
+    cfg = ckpt.config
+    model = Grok2ForCausalLM.empty(cfg, semantics)
+    hidden = model.embed_streamed(ckpt.tensor, tokens, batch_size)
+    positions = torch.arange(tokens.shape[1], device=device)
+    rope = rope_cos_sin(positions, cfg, model.sem)
+    for layer in range(cfg.num_hidden_layers):
+        stats = LayerStats(layer, with_hessians=hessians)
+        collector = _Collector(model.model.layers[layer], stats, hessians)
+        try:
+            hidden = model.stream_layer(layer, ckpt.tensor, hidden, positions, rope, device=device)
+        finally:
+            collector.remove()
+        stats.sum2 = {k: v.float().cpu() for k, v in stats.sum2.items()}
+        stats.hessian = {k: v.cpu() for k, v in stats.hessian.items()}
+        if on_layer:
+            on_layer(stats)
+        yield stats
+
+
+# ---- importance matrix and coverage -------------------------------------------------------------------
+
+def imatrix_entries(stats: LayerStats, n_experts: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """GGUF weight name -> (Σx² [n_mat, n], counts [n_mat]) in llama.cpp's imatrix layout."""
+    blk = f"blk.{stats.layer}."
+    out = {}
+
+    def dense(names, group):
+        if group in stats.sum2:
+            for n in names:
+                out[blk + n] = (stats.sum2[group][None], torch.tensor([float(stats.count[group])]))
+
+    dense(("attn_q.weight", "attn_k.weight", "attn_v.weight"), "attn_qkv")
+    dense(("attn_output.weight",), "attn_o")
+    dense(("ffn_gate.weight", "ffn_up.weight"), "mlp_gate_up")
+    dense(("ffn_down.weight",), "mlp_down")
+    for kind, names in (("w13", ("ffn_gate_exps.weight", "ffn_up_exps.weight")), ("w2", ("ffn_down_exps.weight",))):
+        groups = [f"expert{e}_{kind}" for e in range(n_experts)]
+        width = next((stats.sum2[g].numel() for g in groups if g in stats.sum2), None)
+        if width is None:
+            continue  # no expert of this layer saw a token
+        sums = torch.stack([stats.sum2.get(g, torch.zeros(width)) for g in groups])
+        counts = torch.tensor([float(stats.count.get(g, 0)) for g in groups])
+        for n in names:
+            out[blk + n] = (sums, counts)
+    return out
+
+
+def coverage_problems(per_layer: list[list[int]], min_tokens: int) -> list[tuple[int, int, int]]:
+    """(layer, expert, tokens) for every expert that saw fewer than `min_tokens` tokens."""
+    return [(l, e, n) for l, counts in enumerate(per_layer) for e, n in enumerate(counts) if n < min_tokens]
+
+
+def render_coverage(per_layer: list[list[int]], min_tokens: int) -> str:
+    n_exp = len(per_layer[0]) if per_layer else 0
+    lines = ["tokens per expert (rows: layers; * = below --min-tokens %d)" % min_tokens,
+             "layer " + "".join(f"{f'e{e}':>8}" for e in range(n_exp))]
+    for l, counts in enumerate(per_layer):
+        lines.append(f"{l:>5} " + "".join(f"{n:>7}{'*' if n < min_tokens else ' '}" for n in counts))
+    return "\n".join(lines)
+
+
+def save_stats(path, all_stats: list[LayerStats], metadata: dict) -> None:
+    """Statistics of every layer as safetensors: layers.L.GROUP.{sum2,count[,hessian]}."""
+    import json
+
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for s in all_stats:
+        for group, v in s.sum2.items():
+            tensors[f"layers.{s.layer}.{group}.sum2"] = v.float().contiguous()
+            tensors[f"layers.{s.layer}.{group}.count"] = torch.tensor([s.count[group]], dtype=torch.int64)
+        for group, h in s.hessian.items():
+            tensors[f"layers.{s.layer}.{group}.hessian"] = h.contiguous()
+    save_file(tensors, str(path), metadata={"grokquant": json.dumps(metadata)})
+
+
+def load_stats(path) -> list[LayerStats]:
+    from safetensors import safe_open
+
+    by_layer: dict[int, LayerStats] = {}
+    with safe_open(str(path), "pt") as f:
+        for key in f.keys():
+            _, layer, group, kind = key.split(".")
+            s = by_layer.setdefault(int(layer), LayerStats(int(layer)))
+            t = f.get_tensor(key)
+            if kind == "sum2":
+                s.sum2[group] = t
+            elif kind == "count":
+                s.count[group] = int(t.item())
+            else:
+                s.hessian[group] = t
+    return [by_layer[k] for k in sorted(by_layer)]
+
+
+def calibrate(checkpoint, output, tokens: torch.Tensor, imatrix_out=None, hessians: bool = False,
+              batch_size: int = 8, device: str = "cpu", force: bool = False, dataset: str = "", metadata: dict | None = None,
+              on_layer: Callable[[LayerStats], None] | None = None) -> list[list[int]]:
+    """Collect statistics for every layer, write `output` (and the GGUF imatrix); returns tokens per
+    expert per layer. Each file is written under a temporary name and renamed when complete."""
+    from pathlib import Path
+
+    from grokquant.errors import GrokquantError
+    from grokquant.calibrate.imatrix import save_imatrix
+
+    for p in (output, imatrix_out):
+        if p and Path(p).exists() and not force:
+            raise GrokquantError(f"{p} exists (use --force to overwrite)")
+    ckpt = Checkpoint.open(checkpoint)
+    n_experts = ckpt.config.num_local_experts
+    all_stats, sums, counts = [], {}, {}
+    for stats in collect(ckpt, tokens, hessians=hessians, batch_size=batch_size, device=device, on_layer=on_layer):
+        for name, (s, c) in imatrix_entries(stats, n_experts).items():
+            sums[name], counts[name] = s, c
+        all_stats.append(stats)
+    meta = {"checkpoint": str(checkpoint), "data": dataset, "tokens": int(tokens.numel()),
+            "seq_len": int(tokens.shape[1]), **(metadata or {})}
+    _write_atomically(output, lambda tmp: save_stats(tmp, all_stats, meta))
+    if imatrix_out:
+        _write_atomically(imatrix_out, lambda tmp: save_imatrix(tmp, sums, counts, [dataset], tokens.shape[0],
+                                                                tokens.shape[1]))
+    return [s.expert_tokens(n_experts) for s in all_stats]
+
+
+def _write_atomically(path, write) -> None:
+    """write(tmp) then rename onto `path`: no partial file under `path` on failure."""
+    import os
+    from pathlib import Path
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

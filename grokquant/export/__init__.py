@@ -1,1 +1,0 @@
-"""Writers of artifacts: GGUF for llama.cpp."""

@@ -1,0 +1,295 @@
+"""Original checkpoint -> GGUF that stock llama.cpp loads, streamed tensor by tensor.
+
+Order of work: plan every tensor (name, shape, type) from config.json and the recipe, write the
+header, then read, quantize and append one tensor (one expert) at a time. The file is written under
+a temporary name, re-read and validated, then renamed into place.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from grokquant.grok.checkpoint import Checkpoint
+from grokquant.grok.config import GrokConfig, expert_name
+from grokquant.errors import GrokquantError
+from grokquant.gguf.file import GGUFWriter, read_gguf
+from grokquant.grok.names import GLOBAL, LAYER, gguf_tensors
+from grokquant.quant.ggml.base import quantize
+from grokquant.quant.ggml.types import TYPES, GGMLType
+from grokquant.quant.ggml.mixes import FTYPES, fallback, is_quantizable, tensor_type
+from grokquant.quantize.recipe import GGUFRecipe
+from grokquant.grok.tokenizer import load_tokenizer
+from grokquant.gguf.vocab import CHAT_TEMPLATE, build_vocab
+
+ROPE_MODES = ("plain", "yarn")
+CHUNK_ELEMENTS = 1 << 24  # rows are quantized in chunks of about this many elements
+# byte ranges (offset, count) of the fp16 scales in each block type, checked for finiteness
+SCALE_FIELDS = {"Q4_0": (0, 1), "Q4_1": (0, 2), "Q5_0": (0, 1), "Q5_1": (0, 2), "Q8_0": (0, 1),
+                "Q2_K": (80, 2), "Q3_K": (108, 1), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208, 1),
+                "IQ4_NL": (0, 1), "IQ4_XS": (0, 1)}
+
+
+@dataclass
+class PlannedTensor:
+    name: str  # GGUF name
+    shape: tuple[int, ...]  # torch order
+    type: GGMLType
+    sources: list[str]  # release tensor names; several for stacked experts
+
+    @property
+    def nbytes(self) -> int:
+        return self.type.nbytes(self.shape)
+
+
+def plan(cfg: GrokConfig, recipe: GGUFRecipe, has_imatrix: bool = False) -> list[PlannedTensor]:
+    out = []
+    reverse = {v: k for k, v in GLOBAL.items()}
+    for gname, shape in gguf_tensors(cfg):
+        out.append(PlannedTensor(gname, shape, choose_type(cfg, recipe, gname, shape, has_imatrix),
+                                 _sources(cfg, gname, reverse)))
+    return out
+
+
+def choose_type(cfg: GrokConfig, recipe: GGUFRecipe, gname: str, shape, has_imatrix: bool) -> GGMLType:
+    if not is_quantizable(gname, len(shape)):
+        return TYPES["F32"]
+    override = recipe.override_for(gname)
+    if override is not None:
+        return fallback(TYPES[override], shape[-1])
+    if recipe.pure:
+        return fallback(TYPES[FTYPES[recipe.ftype][1]], shape[-1])
+    return tensor_type(recipe.ftype, gname, shape, cfg.num_hidden_layers, cfg.num_local_experts, has_imatrix,
+                       cfg.num_attention_heads // cfg.num_key_value_heads)
+
+
+def _sources(cfg: GrokConfig, gname: str, reverse: dict[str, str]) -> list[str]:
+    if gname in reverse:
+        return [reverse[gname]]
+    _, layer, base, _ = gname.split(".")
+    layer = int(layer)
+    stacked = {"ffn_gate_exps": "w1", "ffn_up_exps": "w3", "ffn_down_exps": "w2"}
+    if base in stacked:
+        return [expert_name(layer, e, stacked[base]) for e in range(cfg.num_local_experts)]
+    rest = next(k for k, v in LAYER.items() if v == f"{base}.weight")
+    return [f"model.layers.{layer}.{rest}"]
+
+
+# ---- metadata -------------------------------------------------------------------------------------
+
+def add_metadata(w: GGUFWriter, cfg: GrokConfig, tok, recipe: GGUFRecipe, rope: str, name: str) -> None:
+    arch = "grok"
+    w.add_str("general.architecture", arch)
+    w.add_str("general.name", name)
+    w.add_u32("general.file_type", FTYPES[recipe.ftype][0])
+    w.add_u32("general.quantization_version", 2)
+    w.add_u32("general.alignment", 32)
+    w.add_u32(f"{arch}.block_count", cfg.num_hidden_layers)
+    w.add_u32(f"{arch}.context_length", cfg.max_position_embeddings)
+    w.add_u32(f"{arch}.embedding_length", cfg.hidden_size)
+    w.add_u32(f"{arch}.feed_forward_length", cfg.intermediate_size)
+    w.add_u32(f"{arch}.expert_feed_forward_length", cfg.moe_intermediate_size)
+    w.add_u32(f"{arch}.attention.head_count", cfg.num_attention_heads)
+    w.add_u32(f"{arch}.attention.head_count_kv", cfg.num_key_value_heads)
+    w.add_u32(f"{arch}.attention.key_length", cfg.head_dim)
+    w.add_u32(f"{arch}.attention.value_length", cfg.head_dim)
+    w.add_u32(f"{arch}.rope.dimension_count", cfg.head_dim)
+    w.add_f32(f"{arch}.rope.freq_base", cfg.rope_theta)
+    w.add_f32(f"{arch}.attention.layer_norm_rms_epsilon", cfg.rms_norm_eps)
+    w.add_u32(f"{arch}.expert_count", cfg.num_local_experts)
+    w.add_u32(f"{arch}.expert_used_count", cfg.num_experts_per_tok)
+    w.add_f32(f"{arch}.attn_logit_softcapping", cfg.attn_logit_softcapping)
+    w.add_f32(f"{arch}.router_logit_softcapping", cfg.router_logit_softcapping)
+    if cfg.final_logit_softcapping:
+        w.add_f32(f"{arch}.final_logit_softcapping", cfg.final_logit_softcapping)
+    if rope == "yarn":  # llama.cpp's own converter reads rope_type "original" as YaRN
+        w.add_str(f"{arch}.rope.scaling.type", "yarn")
+        w.add_f32(f"{arch}.rope.scaling.factor", cfg.scaling_factor)
+        w.add_u32(f"{arch}.rope.scaling.original_context_length", cfg.original_max_position_embeddings)
+        w.add_f32(f"{arch}.rope.scaling.yarn_ext_factor", cfg.extrapolation_factor)
+        w.add_f32(f"{arch}.rope.scaling.yarn_attn_factor", cfg.attn_factor)
+        w.add_f32(f"{arch}.rope.scaling.yarn_beta_fast", cfg.beta_fast)
+        w.add_f32(f"{arch}.rope.scaling.yarn_beta_slow", cfg.beta_slow)
+    w.add_u32(f"{arch}.attention.temperature_length", cfg.attn_temperature_len)
+    w.add_f32(f"{arch}.attention.output_scale", cfg.attn_scale)
+    w.add_f32(f"{arch}.embedding_scale", cfg.embedding_multiplier_scale)
+    w.add_f32(f"{arch}.logit_scale", cfg.output_multiplier_scale)
+
+    vocab = build_vocab(tok, cfg.vocab_size)
+    w.add_str("tokenizer.ggml.model", "gpt2")
+    w.add_str("tokenizer.ggml.pre", "grok-2")
+    w.add_array("tokenizer.ggml.tokens", vocab.tokens, 8)
+    w.add_array("tokenizer.ggml.token_type", vocab.token_types, 5)
+    w.add_array("tokenizer.ggml.merges", vocab.merges, 8)
+    w.add_u32("tokenizer.ggml.eos_token_id", vocab.eos_id)
+    if vocab.pad_id is not None:
+        w.add_u32("tokenizer.ggml.padding_token_id", vocab.pad_id)
+    if vocab.eot_id is not None:
+        w.add_u32("tokenizer.ggml.eot_token_id", vocab.eot_id)
+    w.add_bool("tokenizer.ggml.add_bos_token", False)
+    w.add_bool("tokenizer.ggml.add_eos_token", False)
+    w.add_str("tokenizer.chat_template", CHAT_TEMPLATE)
+
+
+# ---- tensor data ----------------------------------------------------------------------------------
+
+def tensor_chunks(ckpt: Checkpoint, t: PlannedTensor, imatrix: dict[str, torch.Tensor] | None) -> Iterator[np.ndarray]:
+    """Quantized bytes of one planned tensor, an expert / a chunk of rows at a time."""
+    imp = imatrix.get(t.name) if imatrix else None
+    for i, source in enumerate(t.sources):
+        x = ckpt.tensor(source)  # kept in bf16; each chunk is widened to float32 as it is quantized
+        if x.dim() == 1:
+            x = x[None]
+        qw = None
+        if imp is not None and t.type.name not in ("F32", "F16", "BF16"):
+            qw = imp[i if imp.shape[0] > 1 else 0]
+        step = max(1, CHUNK_ELEMENTS // x.shape[-1])
+        for r in range(0, x.shape[0], step):
+            yield quantize(x[r:r + step], t.type.name, qw).numpy()
+        del x
+
+
+def split_plan(tensors: list[PlannedTensor], max_bytes: int | None) -> list[list[PlannedTensor]]:
+    if not max_bytes:
+        return [tensors]
+    shards, current, size = [], [], 0
+    for t in tensors:
+        if current and size + t.nbytes > max_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append(t)
+        size += t.nbytes
+    shards.append(current)
+    return shards
+
+
+def shard_paths(out: Path, n: int) -> list[Path]:
+    if n == 1:
+        return [out]
+    stem = out.name[:-5] if out.name.endswith(".gguf") else out.name
+    return [out.with_name(f"{stem}-{i + 1:05d}-of-{n:05d}.gguf") for i in range(n)]
+
+
+def validate(path: Path, expected: list[PlannedTensor]) -> None:
+    """Re-read a written file: tensor count, names, shapes, types, and finite scales."""
+    f = read_gguf(path)
+    try:
+        if [n for n in f.tensors] != [t.name for t in expected]:
+            raise GrokquantError(f"{path}: tensor list differs from the plan")
+        for t in expected:
+            info = f.tensors[t.name]
+            if info.shape != tuple(t.shape) or info.type.id != t.type.id:
+                raise GrokquantError(f"{path}: {t.name} is {info.type.name}{list(info.shape)}, "
+                                     f"planned {t.type.name}{list(t.shape)}")
+            rows = t.nbytes // t.type.row_bytes(t.shape[-1])
+            step = max(1, CHUNK_ELEMENTS // t.shape[-1])  # a chunk at a time: no copy of a whole stacked tensor
+            for first in range(0, rows, step):
+                raw = f.raw(t.name, first, min(step, rows - first))
+                if t.type.name in SCALE_FIELDS:
+                    off, count = SCALE_FIELDS[t.type.name]
+                    values, kind = raw.reshape(-1, t.type.block_bytes)[:, off:off + 2 * count].copy(), "F16"
+                else:
+                    values, kind = raw, t.type.name
+                if not _all_finite(values, kind):
+                    raise GrokquantError(f"{path}: {t.name} has non-finite scales or values")
+    finally:
+        f.close()
+
+
+# exponent bits of IEEE formats: all ones means inf or NaN
+_EXPONENT = {"F16": (np.uint16, 0x7C00), "BF16": (np.uint16, 0x7F80), "F32": (np.uint32, 0x7F800000)}
+
+
+def _all_finite(raw: np.ndarray, kind: str) -> bool:
+    dtype, mask = _EXPONENT[kind]
+    bits = np.ascontiguousarray(raw).view(dtype)
+    return not np.any((bits & dtype(mask)) == dtype(mask))
+
+def convert(checkpoint: str | Path, out: str | Path, recipe: GGUFRecipe, rope: str = "plain",
+            split_max_bytes: int | None = None, imatrix: dict[str, torch.Tensor] | None = None,
+            force: bool = False, name: str | None = None,
+            progress: Callable[[PlannedTensor, int], None] | None = None,
+            prequantized: Callable[[PlannedTensor], np.ndarray | None] | None = None,
+            extra_metadata: dict[str, str] | None = None) -> list[Path]:
+    """Write `out` (or its split shards); returns the written paths.
+
+    `progress(tensor, nbytes)` is called with 0 when a tensor starts and its size when it is written.
+    `prequantized(tensor)` may supply a tensor's bytes (calibrated quantization did the rounding);
+    `extra_metadata` adds string keys to the header.
+    """
+    if rope not in ROPE_MODES:
+        raise GrokquantError(f"unknown rope mode {rope!r} (plain or yarn)")
+    if recipe.calibrated and prequantized is None:
+        raise GrokquantError(f"recipe {recipe.name} ({recipe.method}) needs calibration: use `grokquant quantize`")
+    ckpt = Checkpoint.open(checkpoint)
+    cfg = ckpt.config
+    tok = load_tokenizer(ckpt.tokenizer_path)
+    tensors = plan(cfg, recipe, has_imatrix=imatrix is not None or recipe.calibrated)
+    if imatrix:
+        _check_imatrix(imatrix, tensors)
+    shards = split_plan(tensors, split_max_bytes)
+    paths = shard_paths(Path(out), len(shards))
+    for p in paths:
+        if p.exists() and not force:
+            raise GrokquantError(f"{p} exists (use --force to overwrite)")
+    tmps = [p.with_name(f".{p.name}.tmp-{os.getpid()}") for p in paths]
+    try:
+        for i, (shard, tmp) in enumerate(zip(shards, tmps)):
+            w = GGUFWriter(tmp)
+            if i == 0:
+                add_metadata(w, cfg, tok, recipe, rope, name or Path(checkpoint).name)
+                for key, value in (extra_metadata or {}).items():
+                    w.add_str(key, value)
+            if len(shards) > 1:
+                w.add_u16("split.no", i)
+                w.add_u16("split.count", len(shards))
+                w.add_i32("split.tensors.count", len(tensors))
+            for t in shard:
+                w.add_tensor(t.name, t.shape, t.type)
+            w.write_header()
+            try:
+                for t in shard:
+                    if progress:
+                        progress(t, 0)  # starting t
+                    data = prequantized(t) if prequantized else None
+                    for chunk in [data] if data is not None else tensor_chunks(ckpt, t, imatrix):
+                        w.write(t.name, chunk)
+                    if progress:
+                        progress(t, t.nbytes)  # t written
+                w.close()
+            except BaseException:
+                w.abort()
+                raise
+            validate(tmp, shard)
+        for tmp, p in zip(tmps, paths):
+            os.replace(tmp, p)
+    finally:
+        for tmp in tmps:
+            tmp.unlink(missing_ok=True)
+        ckpt.close()
+    return paths
+
+
+def _check_imatrix(imatrix: dict[str, torch.Tensor], tensors: list[PlannedTensor]) -> None:
+    for t in tensors:
+        imp = imatrix.get(t.name)
+        if imp is None:
+            continue
+        n_mat = t.shape[0] if len(t.shape) == 3 else 1
+        if tuple(imp.shape) != (n_mat, t.shape[-1]):
+            raise GrokquantError(f"imatrix entry {t.name} has shape {list(imp.shape)}, "
+                                 f"expected {[n_mat, t.shape[-1]]}")
+
+
+def planned_summary(tensors: list[PlannedTensor]) -> dict[str, int]:
+    """Bytes per GGML type (for the end-of-run summary)."""
+    out: dict[str, int] = {}
+    for t in tensors:
+        out[t.type.name] = out.get(t.type.name, 0) + t.nbytes
+    return out
+

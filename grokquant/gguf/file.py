@@ -1,0 +1,254 @@
+"""GGUF v3 files: a streaming writer and a header reader (spec quant.md §1).
+
+The writer needs every tensor's name, shape and type before any data, then takes data tensor by
+tensor (in chunks if wanted), so a file far larger than memory can be written. The reader parses
+the header only; tensor bytes are read on request through a memory map whose pages are released
+after each read.
+"""
+
+from __future__ import annotations
+
+import mmap
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from grokquant.errors import GrokquantError
+from grokquant.quant.ggml.types import BY_ID, TYPES, GGMLType
+
+MAGIC = b"GGUF"
+VERSION = 3
+ALIGNMENT = 32
+
+# GGUF value types
+U8, I8, U16, I16, U32, I32, F32, BOOL, STRING, ARRAY, U64, I64, F64 = range(13)
+_SCALAR = {U8: "<B", I8: "<b", U16: "<H", I16: "<h", U32: "<I", I32: "<i", F32: "<f", BOOL: "<?",
+           U64: "<Q", I64: "<q", F64: "<d"}
+
+
+def _string(s: str) -> bytes:
+    raw = s.encode("utf-8")
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def _align(n: int, a: int = ALIGNMENT) -> int:
+    return n + (-n % a)
+
+
+@dataclass
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]  # torch order: last dim is the row (ggml ne0)
+    type: GGMLType
+    offset: int = 0  # relative to the data section
+
+    @property
+    def nbytes(self) -> int:
+        return self.type.nbytes(self.shape)
+
+    @property
+    def ne(self) -> tuple[int, ...]:
+        return tuple(reversed(self.shape))
+
+
+class GGUFWriter:
+    """Usage: add metadata and tensor infos, then `write_header()`, then `write(name, bytes)` in order."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.kv: list[tuple[str, int, object, int | None]] = []
+        self.tensors: list[TensorInfo] = []
+        self._file = None
+        self._next = 0  # index of the tensor being written
+        self._written = 0  # bytes of it written so far
+
+    # ---- metadata ----------------------------------------------------------------------------
+    def add(self, key: str, value, vtype: int, elem_type: int | None = None) -> None:
+        if any(k == key for k, *_ in self.kv):
+            raise ValueError(f"duplicate GGUF key {key}")
+        self.kv.append((key, vtype, value, elem_type))
+
+    def add_u32(self, key, v): self.add(key, int(v), U32)
+    def add_u16(self, key, v): self.add(key, int(v), U16)
+    def add_i32(self, key, v): self.add(key, int(v), I32)
+    def add_f32(self, key, v): self.add(key, float(v), F32)
+    def add_bool(self, key, v): self.add(key, bool(v), BOOL)
+    def add_str(self, key, v): self.add(key, str(v), STRING)
+    def add_array(self, key, values, elem_type): self.add(key, list(values), ARRAY, elem_type)
+
+    def add_tensor(self, name: str, shape: tuple[int, ...], ggml_type: GGMLType) -> None:
+        if len(name.encode()) >= 64:
+            raise ValueError(f"tensor name too long for ggml: {name}")
+        info = TensorInfo(name, tuple(shape), ggml_type)
+        info.nbytes  # validates the row length against the block size
+        info.offset = sum(_align(t.nbytes) for t in self.tensors)
+        self.tensors.append(info)
+
+    # ---- writing -------------------------------------------------------------------------------
+    def _value(self, vtype: int, value, elem_type: int | None) -> bytes:
+        if vtype == STRING:
+            return _string(value)
+        if vtype == ARRAY:
+            out = struct.pack("<IQ", elem_type, len(value))
+            if elem_type == STRING:
+                return out + b"".join(_string(v) for v in value)
+            return out + np.asarray(value, dtype=np.dtype(_SCALAR[elem_type])).tobytes()
+        return struct.pack(_SCALAR[vtype], value)
+
+    def header_bytes(self) -> bytes:
+        parts = [MAGIC, struct.pack("<IQQ", VERSION, len(self.tensors), len(self.kv))]
+        for key, vtype, value, elem_type in self.kv:
+            parts += [_string(key), struct.pack("<I", vtype), self._value(vtype, value, elem_type)]
+        for t in self.tensors:
+            parts += [_string(t.name), struct.pack("<I", len(t.ne)), struct.pack(f"<{len(t.ne)}Q", *t.ne),
+                      struct.pack("<IQ", t.type.id, t.offset)]
+        raw = b"".join(parts)
+        return raw + b"\0" * (-len(raw) % ALIGNMENT)
+
+    def write_header(self) -> None:
+        self._file = open(self.path, "wb")
+        self._file.write(self.header_bytes())
+
+    def write(self, name: str, data) -> None:
+        """Append bytes of tensor `name`; may be called several times per tensor, in file order."""
+        info = self.tensors[self._next]
+        if info.name != name:
+            raise ValueError(f"expected data for {info.name}, got {name}")
+        buf = memoryview(np.ascontiguousarray(data).view(np.uint8)).cast("B")
+        self._file.write(buf)
+        self._written += len(buf)
+        if self._written > info.nbytes:
+            raise ValueError(f"{name}: {self._written} bytes written, {info.nbytes} expected")
+        if self._written == info.nbytes:
+            self._file.write(b"\0" * (-info.nbytes % ALIGNMENT))
+            self._next += 1
+            self._written = 0
+
+    def abort(self) -> None:
+        """Close without the completeness check (the caller deletes the file)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def close(self) -> None:
+        if self._file is None:
+            return
+        complete = self._next == len(self.tensors)
+        self._file.close()
+        self._file = None
+        if not complete:
+            raise ValueError(f"{self.path}: only {self._next} of {len(self.tensors)} tensors written")
+
+
+# ---- reading -------------------------------------------------------------------------------------
+
+@dataclass
+class GGUFFile:
+    path: Path
+    version: int
+    metadata: dict
+    tensors: dict[str, TensorInfo]
+    data_start: int
+    alignment: int = ALIGNMENT
+    _mm: mmap.mmap | None = field(default=None, repr=False)
+
+    def raw(self, name: str, first_row: int = 0, n_rows: int | None = None) -> np.ndarray:
+        """Bytes of rows [first_row, first_row + n_rows) of a tensor (a copy), [rows, row_bytes] uint8.
+
+        Rows count over all leading dims, so expert e of a stacked tensor is rows [e*out, (e+1)*out).
+        """
+        info = self.tensors[name]
+        row_bytes = info.type.row_bytes(info.shape[-1])
+        total_rows = info.nbytes // row_bytes
+        n_rows = total_rows - first_row if n_rows is None else n_rows
+        if self._mm is None:
+            with open(self.path, "rb") as f:
+                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        start = self.data_start + info.offset + first_row * row_bytes
+        size = n_rows * row_bytes
+        if start + size > len(self._mm):
+            raise GrokquantError(f"{self.path}: truncated (tensor {name} runs past the end of the file)")
+        out = np.frombuffer(self._mm, dtype=np.uint8, count=size, offset=start).copy()
+        page = start - start % mmap.PAGESIZE
+        self._mm.madvise(mmap.MADV_DONTNEED, page, start + size - page)
+        return out.reshape(n_rows, row_bytes)
+
+    def close(self) -> None:
+        if self._mm is not None:
+            self._mm.close()
+            self._mm = None
+
+
+class _Cursor:
+    def __init__(self, f, path):
+        self.f, self.path = f, path
+
+    def take(self, fmt: str):
+        size = struct.calcsize(fmt)
+        raw = self.f.read(size)
+        if len(raw) != size:
+            raise GrokquantError(f"{self.path}: truncated GGUF header")
+        return struct.unpack(fmt, raw)
+
+    def string(self) -> str:
+        (n,) = self.take("<Q")
+        if n > 1 << 30:
+            raise GrokquantError(f"{self.path}: corrupt GGUF header (string of {n} bytes)")
+        raw = self.f.read(n)
+        if len(raw) != n:
+            raise GrokquantError(f"{self.path}: truncated GGUF header")
+        return raw.decode("utf-8", errors="replace")
+
+    def value(self, vtype: int):
+        if vtype == STRING:
+            return self.string()
+        if vtype == ARRAY:
+            elem, count = self.take("<IQ")
+            if elem == STRING:
+                return [self.string() for _ in range(count)]
+            if elem not in _SCALAR:
+                raise GrokquantError(f"{self.path}: unsupported GGUF array type {elem}")
+            dt = np.dtype(_SCALAR[elem])
+            raw = self.f.read(dt.itemsize * count)
+            return np.frombuffer(raw, dtype=dt).tolist()
+        if vtype not in _SCALAR:
+            raise GrokquantError(f"{self.path}: unsupported GGUF value type {vtype}")
+        return self.take(_SCALAR[vtype])[0]
+
+
+def read_gguf(path: str | Path) -> GGUFFile:
+    path = Path(path)
+    try:
+        f = open(path, "rb")
+    except OSError as exc:
+        raise GrokquantError(f"{path}: cannot open ({exc.strerror})") from None
+    with f:
+        if f.read(4) != MAGIC:
+            raise GrokquantError(f"{path}: not a GGUF file")
+        cur = _Cursor(f, path)
+        version, n_tensors, n_kv = cur.take("<IQQ")
+        if version != VERSION:
+            raise GrokquantError(f"{path}: GGUF version {version}, expected {VERSION}")
+        metadata = {}
+        for _ in range(n_kv):
+            key = cur.string()
+            (vtype,) = cur.take("<I")
+            metadata[key] = cur.value(vtype)
+        tensors = {}
+        for _ in range(n_tensors):
+            name = cur.string()
+            (n_dims,) = cur.take("<I")
+            ne = cur.take(f"<{n_dims}Q")
+            type_id, offset = cur.take("<IQ")
+            if type_id not in BY_ID:
+                raise GrokquantError(f"{path}: tensor {name} has unsupported ggml type {type_id}")
+            tensors[name] = TensorInfo(name, tuple(reversed(ne)), BY_ID[type_id], offset)
+        alignment = int(metadata.get("general.alignment", ALIGNMENT))
+        data_start = _align(f.tell(), alignment)
+    return GGUFFile(path, version, metadata, tensors, data_start, alignment)
+
+
+def type_by_name(name: str) -> GGMLType:
+    return TYPES[name.upper()]

@@ -1,0 +1,177 @@
+"""Quantization recipes: a dataclass per recipe, loaded from YAML files under `recipes/`.
+
+A GGUF recipe names a llama.cpp file type (its per-tensor mix) and optional per-class overrides:
+
+    name: q4_k_m-attn-q8
+    format: gguf
+    ftype: q4_k_m
+    overrides: {attention: Q8_0, ffn_down_exps: Q6_K}
+
+Override keys are tensor classes (attention, dense_mlp, experts, output, embedding) or GGUF base
+names (attn_v, ffn_down_exps, ...); the more specific key wins. The router and norms are never
+quantized. A GGUF recipe's `method` says how the decoder layers' weights are rounded onto the
+GGML grids: `reference` (llama-quantize, with an --imatrix file if given; `grokquant convert`),
+`imatrix` or `gptq` (calibrated by `grokquant quantize`: importance from the tokens each expert
+actually receives, or GPTQ's error compensation on top of it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from grokquant.errors import GrokquantError
+from grokquant.quant.ggml.types import TYPES
+from grokquant.quant.gptq import IntQuantConfig
+from grokquant.quant.ggml.mixes import FTYPES
+
+RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
+CLASSES = {
+    "attention": ("attn_q", "attn_k", "attn_v", "attn_output"),
+    "dense_mlp": ("ffn_gate", "ffn_up", "ffn_down"),
+    "experts": ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"),
+    "output": ("output",),
+    "embedding": ("token_embd",),
+}
+BASE_NAMES = {b for names in CLASSES.values() for b in names}
+UNDER_COVERED = ("rtn", "all-tokens", "prior")
+CALIBRATION_KEYS = {"min_tokens", "under_covered", "sequential"}
+
+
+def _check_calibration(recipe) -> None:
+    if recipe.under_covered not in UNDER_COVERED:
+        raise GrokquantError(f"recipe {recipe.name}: under_covered must be rtn, all-tokens or prior")
+    if recipe.min_tokens < 0:
+        raise GrokquantError(f"recipe {recipe.name}: min_tokens must be >= 0")
+
+
+@dataclass
+class GGUFRecipe:
+    name: str
+    ftype: str
+    overrides: dict[str, str] = field(default_factory=dict)
+    pure: bool = False  # every quantizable tensor gets the ftype's default type (llama-quantize --pure)
+    method: str = "reference"  # reference | imatrix | gptq (the last two need `grokquant quantize`)
+    damp: float = 0.01  # gptq: fraction of the mean Hessian diagonal added to the diagonal
+    min_tokens: int = 16  # calibrated methods: experts seeing fewer tokens are "under-covered"
+    under_covered: str = "rtn"  # rtn (reference rounding) | all-tokens | prior, as for GPTQ recipes
+    sequential: bool = False  # gptq/imatrix: layer l+1 calibrates on the quantized layer l's outputs
+    format: str = "gguf"
+
+    @property
+    def calibrated(self) -> bool:
+        return self.method != "reference"
+
+    def __post_init__(self):
+        if self.method not in ("reference", "imatrix", "gptq"):
+            raise GrokquantError(f"recipe {self.name}: method must be reference, imatrix or gptq, got {self.method!r}")
+        _check_calibration(self)
+        if self.ftype not in FTYPES:
+            raise GrokquantError(f"recipe {self.name}: unknown ftype {self.ftype!r} (one of {', '.join(FTYPES)})")
+        for key, value in self.overrides.items():
+            if key not in CLASSES and key not in BASE_NAMES:
+                raise GrokquantError(f"recipe {self.name}: unknown tensor class {key!r}")
+            if str(value).upper() not in TYPES:
+                raise GrokquantError(f"recipe {self.name}: unknown GGML type {value!r} for {key}")
+        self.overrides = {k: str(v).upper() for k, v in self.overrides.items()}
+
+    def override_for(self, gguf_name: str) -> str | None:
+        """The override type for a GGUF tensor name, or None."""
+        base = gguf_name.split(".")[-2] if gguf_name.startswith("blk.") else gguf_name.split(".")[0]
+        if base in self.overrides:
+            return self.overrides[base]
+        for cls, members in CLASSES.items():
+            if base in members and cls in self.overrides:
+                return self.overrides[cls]
+        return None
+
+
+@dataclass
+class GPTQRecipe:
+    """Integer weight-only quantization per tensor class (None keeps the class in bf16).
+
+        name: gptq-w4g128
+        format: gptq
+        method: gptq            # or rtn
+        experts: {bits: 4, group_size: 128, sym: true, act_order: false}
+        attention: {bits: 8, group_size: -1}
+        dense_mlp: {bits: 4, group_size: 128}
+        min_tokens: 16          # experts seeing fewer calibration tokens are "under-covered"
+        under_covered: rtn      # rtn | all-tokens | prior: how under-covered experts are quantized
+        sequential: false       # true: layer l+1 calibrates on the quantized layer l's outputs
+    """
+
+    name: str = "gptq-w4g128"
+    method: str = "gptq"
+    experts: IntQuantConfig | None = field(default_factory=IntQuantConfig)
+    attention: IntQuantConfig | None = field(default_factory=IntQuantConfig)
+    dense_mlp: IntQuantConfig | None = field(default_factory=IntQuantConfig)
+    min_tokens: int = 16
+    under_covered: str = "rtn"  # rtn | all-tokens | prior (see docs/calibration.md)
+    sequential: bool = False  # inputs of layer l+1 from the quantized layer l (GPTQ's intent), else unquantized
+    format: str = "gptq"
+
+    @property
+    def calibrated(self) -> bool:
+        return True
+
+    def __post_init__(self):
+        _check_calibration(self)
+        if self.method not in ("gptq", "rtn"):
+            raise GrokquantError(f"recipe {self.name}: method must be gptq or rtn, got {self.method!r}")
+        for cls in ("experts", "attention", "dense_mlp"):
+            c = getattr(self, cls)
+            if c is not None and c.bits not in (2, 4, 8):
+                raise GrokquantError(f"recipe {self.name}: {cls} bits must be 2, 4 or 8 (the GPTQ packing)")
+
+    def config_for(self, tensor_class: str) -> IntQuantConfig | None:
+        return getattr(self, tensor_class)
+
+
+def _int_config(path: Path, cls: str, raw) -> IntQuantConfig | None:
+    if raw is None:
+        return None
+    known = set(IntQuantConfig.__dataclass_fields__)
+    if not isinstance(raw, dict) or set(raw) - known:
+        raise GrokquantError(f"{path}: {cls} takes {', '.join(sorted(known))}")
+    return IntQuantConfig(**raw)
+
+
+def load_recipe(spec: str | Path) -> "GGUFRecipe | GPTQRecipe":
+    """A recipe from a YAML path, or by name from `recipes/` (e.g. "q4_k_m", "gptq-w4g128")."""
+    path = Path(spec)
+    if not path.exists():
+        path = RECIPES_DIR / f"{spec}.yaml"
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise GrokquantError(f"recipe {spec}: no such file (and no recipes/{spec}.yaml)") from None
+    except yaml.YAMLError as exc:
+        raise GrokquantError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise GrokquantError(f"{path}: a recipe is a YAML mapping")
+    fmt = raw.get("format", "gguf")
+    if fmt == "gptq":
+        unknown = set(raw) - {"name", "format", "method", "experts", "attention", "dense_mlp", "description"} \
+            - CALIBRATION_KEYS
+        if unknown:
+            raise GrokquantError(f"{path}: unknown recipe key(s) {', '.join(sorted(unknown))}")
+        return GPTQRecipe(name=raw.get("name", path.stem), method=raw.get("method", "gptq"),
+                          **{c: _int_config(path, c, raw.get(c)) for c in ("experts", "attention", "dense_mlp")},
+                          min_tokens=int(raw.get("min_tokens", 16)), sequential=bool(raw.get("sequential", False)),
+                          under_covered=str(raw.get("under_covered", "rtn")))
+    if fmt != "gguf":
+        raise GrokquantError(f"{path}: unknown format {fmt!r} (gguf or gptq)")
+    unknown = set(raw) - {"name", "format", "ftype", "overrides", "pure", "method", "damp", "description"} \
+        - CALIBRATION_KEYS
+    if unknown:
+        raise GrokquantError(f"{path}: unknown recipe key(s) {', '.join(sorted(unknown))}")
+    if "ftype" not in raw:
+        raise GrokquantError(f"{path}: missing key ftype")
+    return GGUFRecipe(name=raw.get("name", path.stem), ftype=str(raw["ftype"]).lower(),
+                      overrides=raw.get("overrides") or {}, pure=bool(raw.get("pure", False)),
+                      method=str(raw.get("method", "reference")), damp=float(raw.get("damp", 0.01)),
+                      min_tokens=int(raw.get("min_tokens", 16)), sequential=bool(raw.get("sequential", False)),
+                      under_covered=str(raw.get("under_covered", "rtn")))

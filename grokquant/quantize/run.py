@@ -1,0 +1,335 @@
+"""`grokquant quantize`: calibrated quantization, one decoder layer at a time, resumable.
+
+One pass over the layers. For layer l: load its attention, dense MLP and router, push every batch of
+calibration hidden states through them while hooks collect each input group's statistics, and
+quantize those linears; then visit the experts in groups (all 8 at once by default, fewer to bound
+memory at real widths): load the group, run it on the tokens the router sends each expert
+(statistics from exactly those tokens), quantize its projections (one batch per projection), free
+it. The layer's outputs feed layer l+1 (the unquantized layer's, or in sequential mode the
+quantized layer's). Two outputs, by recipe format:
+
+- gptq: an auto-gptq directory (round-to-nearest or GPTQ onto integer grids, per tensor class);
+- gguf: a GGUF file whose decoder-layer weights were rounded onto the GGML grids with importance
+  from the calibration (`imatrix`) or with GPTQ's error compensation (`gptq`, quant/gptq_ggml.py).
+
+Work is checkpointed per layer under `.OUT.partial` with a fingerprint of inputs and options, so a
+re-run after an interruption resumes and produces the same bytes. Under torchrun the stacks of a
+layer are split among the ranks (grokquant/distributed.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from grokquant.quantize import distributed
+from grokquant.calibrate.statistics import LayerStats, _Collector
+from grokquant.grok.checkpoint import Checkpoint
+from grokquant.grok.config import expert_name
+from grokquant.errors import GrokquantError
+from grokquant.io.memory import release_freed_memory
+from grokquant.grok.model import Grok2ForCausalLM, rope_cos_sin
+from grokquant.quantize.items import (Item, LayerResult, Recipe, all_token_statistics, item_cost, join_ggml, layer_items,
+                             quantize_items)
+from grokquant.quantize.recipe import GGUFRecipe, GPTQRecipe
+
+FORMAT_VERSION = 4  # part of the resume fingerprint: bump when the per-layer output changes
+REPORT_KEY = "grokquant.quantize_report"  # GGUF header key holding the per-class report (JSON)
+
+
+def fingerprint(ckpt: Checkpoint, recipe: Recipe, tokens: torch.Tensor, expert_batch: int) -> str:
+    h = hashlib.sha256()
+    h.update(f"{FORMAT_VERSION}:{type(recipe).__name__}:{expert_batch}".encode())
+    h.update(json.dumps(asdict(ckpt.config), sort_keys=True).encode())
+    for f in ckpt.files:
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    h.update(json.dumps(asdict(recipe), sort_keys=True, default=str).encode())
+    h.update(tokens.numpy().tobytes())
+    return h.hexdigest()
+
+
+def summarize(reports: list[dict]) -> list[dict]:
+    """Per tensor class: bits, output-error reduction versus round-to-nearest, fewest tokens."""
+    out = {}
+    for r in reports:
+        s = out.setdefault(r["class"], {"class": r["class"], "bits": r["bits"], "error": 0.0, "rtn_error": 0.0,
+                                        "min_tokens": r["min_tokens"]})
+        if s["bits"] != r["bits"]:
+            s["bits"] = "mixed"
+        if r["error"] is None or s["error"] is None:
+            s["error"] = s["rtn_error"] = None
+        else:
+            s["error"] += r["error"]
+            s["rtn_error"] += r["rtn_error"]
+        s["min_tokens"] = min(s["min_tokens"], r["min_tokens"])
+    for s in out.values():
+        s["reduction_vs_rtn"] = 1 - s["error"] / s["rtn_error"] if s["rtn_error"] else None
+    return list(out.values())
+
+
+def _gguf_types(ckpt: Checkpoint, recipe: GGUFRecipe) -> dict[str, str]:
+    from grokquant.gguf.convert import plan
+
+    return {t.name: t.type.name for t in plan(ckpt.config, recipe, has_imatrix=True)}
+
+
+def _exchange(group: distributed.Group, results: Iterable[LayerResult], everywhere: bool) -> LayerResult | None:
+    """This rank's results joined with every other rank's, in item order (None on ranks that get nothing)."""
+    local = LayerResult()
+    for r in results:
+        if not everywhere:  # only the names are needed from here on (at real width a gigabyte per linear)
+            r.dequantized = dict.fromkeys(r.dequantized)
+        local.add(r)
+    parts = group.gather(local, everywhere)
+    if parts is None:
+        return None
+    merged = LayerResult()
+    for part in parts:
+        merged.add(part)
+    merged.report.sort(key=lambda r: r["stack"])
+    merged.tensors = dict(sorted(merged.tensors.items()))
+    return merged
+
+
+@torch.no_grad()
+def quantize(checkpoint: str | Path, out: str | Path, recipe: Recipe, tokens: torch.Tensor, force: bool = False,
+             batch_size: int = 8, device: str = "cpu", rope: str = "plain", expert_batch: int | None = None,
+             on_layer: Callable[[int], None] | None = None) -> Path:
+    """Write `out` (a GPTQ directory or a GGUF file) from calibration `tokens` [n_windows, seq_len].
+
+    expert_batch: experts loaded and quantized together (default all; 1 bounds memory to one expert).
+    Under torch.distributed every rank calls this with the same arguments; rank 0 writes.
+    """
+    group = distributed.current()
+    out = Path(out)
+    if out.exists() and not force:
+        raise GrokquantError(f"{out} exists (use --force to overwrite)")
+    if isinstance(recipe, GGUFRecipe) and not recipe.calibrated:
+        raise GrokquantError(f"recipe {recipe.name} is not calibrated (method reference): use `grokquant convert`")
+    ckpt = Checkpoint.open(checkpoint)
+    cfg = ckpt.config
+    expert_batch = expert_batch or cfg.num_local_experts
+    if not 1 <= expert_batch <= cfg.num_local_experts:
+        raise GrokquantError(f"expert batch {expert_batch}: between 1 and {cfg.num_local_experts}")
+    gguf = isinstance(recipe, GGUFRecipe)
+    types = _gguf_types(ckpt, recipe) if gguf else {}
+    hessians = not gguf or recipe.method == "gptq"
+    work = out.with_name(f".{out.name}.partial")
+    state_file = work / "progress.json"
+    state, hidden = None, None
+    if group.is_main:
+        fp = fingerprint(ckpt, recipe, tokens, expert_batch)
+        state = json.loads(state_file.read_text()) if state_file.exists() else None
+        if state is None or state.get("fingerprint") != fp:
+            shutil.rmtree(work, ignore_errors=True)
+            work.mkdir(parents=True)
+            state = {"fingerprint": fp, "done": 0, "report": []}
+        if state["done"]:
+            hidden = torch.load(work / "hidden.pt")
+    state = group.broadcast(state)
+    n_layers = cfg.num_hidden_layers
+    parts = [f"model-{i + 1:05d}-of-{n_layers + 1:05d}.safetensors" for i in range(n_layers + 1)]
+    items = layer_items(cfg, expert_batch)
+    owner = distributed.assign([item_cost(cfg, it) for it in items], group.world)
+
+    model = Grok2ForCausalLM.empty(cfg, "sglang")
+    hidden = group.broadcast(hidden) if state["done"] else model.embed_streamed(ckpt.tensor, tokens, batch_size)
+    positions = torch.arange(tokens.shape[1], device=device)
+    run = _Run(ckpt, recipe, model, group, items, owner, types, device, hessians, positions,
+               *(t.to(device) for t in rope_cos_sin(positions, cfg, model.sem)))
+
+    for layer in range(state["done"], n_layers):
+        written, hidden = _quantize_layer(run, layer, hidden)
+        state["done"] = layer + 1
+        if group.is_main:
+            if gguf:
+                tensors = join_ggml(written.tensors)
+            else:
+                tensors = written.tensors
+                for name in cfg.layer_shapes(layer):
+                    if name not in written.dequantized:  # norms, router and anything not packable stay bf16
+                        tensors[name] = ckpt.tensor(name)
+            save_file(tensors, str(work / parts[layer]), metadata={"format": "pt"})
+            torch.save(hidden, work / "hidden.tmp")
+            os.replace(work / "hidden.tmp", work / "hidden.pt")
+            state["report"] += written.report
+            state_file.write_text(json.dumps(state))
+        del written
+        if on_layer:
+            on_layer(layer)
+
+    if group.is_main:
+        report = summarize(state["report"])
+        if gguf:
+            _assemble_gguf(ckpt, checkpoint, work, parts[:n_layers], out, recipe, rope, report)
+        else:
+            _finish_gptq(ckpt, work, parts, out, recipe, report)
+    group.barrier()  # every rank returns once the output is in place
+    return out
+
+
+@dataclass
+class _Run:
+    """What every layer of one quantize() call shares."""
+
+    ckpt: Checkpoint
+    recipe: Recipe
+    model: Grok2ForCausalLM
+    group: distributed.Group
+    items: list[Item]
+    owner: list[int]  # rank of each item
+    types: dict[str, str]  # GGUF name -> GGML type (gguf recipes)
+    device: str
+    hessians: bool
+    positions: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+    def mine(self, selected: Iterable[Item]) -> list[Item]:
+        return [it for it in selected if self.owner[it.index] == self.group.rank]
+
+
+def _to_cpu(stats: LayerStats) -> None:
+    """The quantizers take the statistics from the CPU (GGML rounding runs there)."""
+    stats.hessian = {k: v.cpu() for k, v in stats.hessian.items()}
+    stats.sum2 = {k: v.cpu() for k, v in stats.sum2.items()}
+
+
+def _quantize_layer(run: _Run, layer: int, hidden: list[torch.Tensor]) -> tuple[LayerResult, list[torch.Tensor]]:
+    """One decoder layer: (what rank 0 stores for it, the hidden states for the next layer)."""
+    ckpt, recipe, model, device = run.ckpt, run.recipe, run.model, run.device
+    sem = model.sem
+    module = model.model.layers[layer]
+    moe = module.block_sparse_moe
+    prefix = f"model.layers.{layer}."
+    dense_names = model.dense_part(layer)
+    stored = ckpt.dtype(dense_names[0])
+
+    def loaded(name):  # the weights already in memory for the forward pass: each is read from disk once
+        return module.get_parameter(name[len(prefix):]).detach()
+
+    def keep_as_stored(*modules):  # past the forward pass the weights are only read: the file's dtype
+        for m in modules:           # holds them exactly, in half the memory of float32
+            m.to(stored)
+
+    def quantized(selected: list[Item], stats: LayerStats) -> LayerResult | None:
+        results = quantize_items(run.mine(selected), layer, stats, recipe, loaded, run.types, device)
+        return _exchange(run.group, results, recipe.sequential)
+
+    def dequantized_or_stored(res: LayerResult | None):
+        return lambda n: res.dequantized[n] if n in res.dequantized else ckpt.tensor(n)
+
+    stats = LayerStats(layer, with_hessians=run.hessians)
+    collector = _Collector(module, stats, hessians=run.hessians)
+    written = LayerResult()  # what rank 0 stores for this layer
+    try:
+        model.load_layer(layer, ckpt.tensor, torch.float32, device, names=dense_names)
+        batches = model.attend_all(layer, hidden, run.positions, run.cos, run.sin, device)
+        keep_as_stored(module.self_attn, module.mlp)
+        _to_cpu(stats)
+        res = quantized([it for it in run.items if it.linear], stats)
+        if res is not None:
+            written.add(res)
+        for key in ("attn_qkv", "attn_o", "mlp_down") + (("mlp_gate_up",) if recipe.under_covered == "rtn" else ()):
+            stats.hessian.pop(key, None)  # done with; mlp_gate_up is every token's MoE input Hessian
+        outputs = batches
+        if recipe.sequential:  # the quantized attention and dense MLP feed the experts' outputs
+            collector.active = False
+            model.load_layer(layer, dequantized_or_stored(res), torch.float32, device, names=dense_names)
+            outputs = model.attend_all(layer, hidden, run.positions, run.cos, run.sin, device)
+        model.drop_dense_part(layer)
+        for first, last in sorted({it.experts for it in run.items if it.proj is not None}):
+            experts = range(first, last)
+            names = [expert_name(layer, e, p) for e in experts for p in ("w1", "w3", "w2")]
+            model.load_layer(layer, ckpt.tensor, torch.float32, device, names=names)
+            collector.active = True
+            for b in batches:
+                for e in experts:
+                    moe.add_expert(e, b.x, b.weights, b.ids, sem, None if recipe.sequential else b.moe)
+            if recipe.under_covered != "rtn":
+                all_token_statistics(module, experts, stats, recipe, sem.gelu, torch.cat([b.x for b in batches]),
+                                     run.hessians)
+            collector.active = False
+            keep_as_stored(*(moe.experts[e] for e in experts))
+            _to_cpu(stats)
+            res = quantized([it for it in run.items if it.experts == (first, last)], stats)
+            if res is not None:
+                written.add(res)
+            if recipe.sequential:
+                model.load_layer(layer, dequantized_or_stored(res), torch.float32, device, names=names)
+                for b in outputs:
+                    for e in experts:
+                        moe.add_expert(e, b.x, b.weights, b.ids, sem, b.moe)
+            for e in experts:  # this group's memory goes before the next group's arrives
+                moe.experts[e].to("meta")
+                for key in [k for k in stats.hessian if k.startswith(f"expert{e}_")]:
+                    del stats.hessian[key]
+            res = None
+            release_freed_memory()
+    finally:
+        collector.remove()
+    hidden = [h.cpu() for h in model.finish_all(layer, outputs)]
+    model.unload_layer(layer)
+    return written, hidden
+
+
+def read_report(artifact: str | Path) -> list[dict]:
+    """The per-class report of a quantized artifact (GPTQ directory or GGUF file)."""
+    artifact = Path(artifact)
+    if artifact.is_dir():
+        return json.loads((artifact / "quantize_report.json").read_text())
+    from grokquant.gguf.file import read_gguf
+
+    f = read_gguf(artifact)
+    try:
+        return json.loads(f.metadata[REPORT_KEY])
+    finally:
+        f.close()
+
+
+def _finish_gptq(ckpt: Checkpoint, work: Path, parts: list[str], out: Path, recipe: GPTQRecipe,
+                 report: list[dict]) -> None:
+    from grokquant.gptq.layout import write_metadata
+
+    save_file({n: ckpt.tensor(n) for n in ckpt.config.global_shapes()}, str(work / parts[-1]),
+              metadata={"format": "pt"})
+    write_metadata(work, ckpt, recipe, parts)
+    (work / "quantize_report.json").write_text(json.dumps(report, indent=2))
+    (work / "hidden.pt").unlink(missing_ok=True)
+    (work / "progress.json").unlink()
+    if out.exists():
+        shutil.rmtree(out)
+    work.rename(out)
+
+
+def _assemble_gguf(ckpt: Checkpoint, checkpoint, work: Path, parts: list[str], out: Path, recipe: GGUFRecipe,
+                   rope: str, report: list[dict]) -> None:
+    """The GGUF file from the per-layer GGML bytes (globals and float tensors from the checkpoint)."""
+    from grokquant.gguf.convert import convert
+
+    handles = [safe_open(str(work / p), "pt") for p in parts]
+    where = {k: h for h in handles for k in h.keys()}
+
+    def prequantized(t) -> np.ndarray | None:
+        return where[t.name].get_tensor(t.name).numpy() if t.name in where else None
+
+    tmp_out = out.with_name(f".{out.name}.assemble")
+    convert(checkpoint, tmp_out, recipe, rope=rope, force=True, prequantized=prequantized,
+            extra_metadata={REPORT_KEY: json.dumps(report), "grokquant.recipe": recipe.name})
+    if out.exists() and out.is_dir():
+        shutil.rmtree(out)
+    os.replace(tmp_out, out)
+    where.clear()  # the per-layer files are closed before their folder goes
+    handles.clear()
+    shutil.rmtree(work)

@@ -1,0 +1,123 @@
+"""Text generation from any artifact: an original checkpoint, a GPTQ directory or a GGUF file.
+
+Engines: `torch` (our model through `grokquant.load`: quantized kernels, optional GPU placement)
+and `llama.cpp` (GGUF only, through llama-cpp-python).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+from grokquant.errors import GrokquantError
+from grokquant.grok.tokenizer import format_chat
+
+
+def _stream_text(tok, tokens: Iterator[int]) -> Iterator[str]:
+    """Decode token by token, holding back bytes that do not yet form whole characters."""
+    pending = b""
+    for token in tokens:
+        pending += tok.decode_bytes([token])
+        try:
+            text = pending.decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        pending = b""
+        yield text
+    if pending:
+        yield pending.decode("utf-8", errors="replace")
+
+
+def generate(path: str | Path, prompt: str, max_new_tokens: int = 32, chat: bool = False, engine: str = "torch",
+             semantics: str | None = None, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+             device: str = "cpu", gpu_memory: str | None = None, cpu_memory: str | None = None) -> Iterator[str]:
+    """Yield the generated text piece by piece (greedy at temperature 0, else sampled)."""
+    path = Path(path)
+    text = format_chat([{"role": "user", "content": prompt}]) if chat else prompt
+    if engine == "llama.cpp":
+        if path.suffix != ".gguf":
+            raise GrokquantError("the llama.cpp engine runs GGUF files; convert the checkpoint first")
+        yield from _llamacpp(path, text, max_new_tokens, temperature, top_p, seed)
+        return
+    from grokquant.runtime.load import load, open_source
+
+    source = open_source(path)
+    if source.kind == "gguf":
+        from grokquant.gguf.vocab import tokenizer_from_gguf
+
+        tok = tokenizer_from_gguf(source.weights.metadata)
+    else:
+        from grokquant.grok.tokenizer import load_tokenizer
+
+        if source.tokenizer_path is None:
+            raise GrokquantError(f"{path}: no tokenizer.tok.json")
+        tok = load_tokenizer(source.tokenizer_path)
+    device_map, max_memory = device_placement(device, gpu_memory, cpu_memory)
+    model = load(source, device_map=device_map, max_memory=max_memory, semantics=semantics)
+    stops = tuple(i for i in (tok.eos_id, tok.separator_id) if i is not None)
+    tokens = sample_iter(model, tok.encode(text), max_new_tokens, stops, temperature, top_p, seed)
+    yield from _stream_text(tok, tokens)
+
+
+def device_placement(device: str, gpu_memory: str | None, cpu_memory: str | None) -> tuple[str, dict | None]:
+    """(device_map, max_memory) for `run`'s --device / --gpu-memory / --cpu-memory."""
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise GrokquantError(f"--device {device}: no CUDA device is available")
+    if device == "cpu" or (gpu_memory is None and cpu_memory is None):
+        return device, None
+    gpus = [device] if ":" in device else [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    from grokquant.runtime.load import available_memory, parse_memory
+
+    free = available_memory()
+    memory = {g: parse_memory(gpu_memory) if gpu_memory else free[g] for g in gpus}
+    memory["cpu"] = parse_memory(cpu_memory) if cpu_memory else free["cpu"]
+    return "auto", memory
+
+
+def sample_iter(model, prompt: list[int], max_new_tokens: int, stop_ids: tuple[int, ...] = (),
+                temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> Iterator[int]:
+    """Tokens one at a time with a KV cache: greedy at temperature 0, else temperature / nucleus sampling."""
+    import torch
+
+    from grokquant.grok.model import KVCache
+
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise GrokquantError("temperature must be >= 0 and top-p in (0, 1]")
+    generator = torch.Generator().manual_seed(seed)
+    device = model.model.embed_tokens.weight.device
+    cache = KVCache(model.cfg.num_hidden_layers)
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt], device=device), cache)
+        for _ in range(max_new_tokens):
+            token = pick_token(logits[0, -1].float().cpu(), temperature, top_p, generator)
+            if token in stop_ids:
+                return
+            yield token
+            logits = model(torch.tensor([[token]], device=device), cache)
+
+
+def pick_token(logits, temperature: float, top_p: float, generator) -> int:
+    import torch
+
+    if temperature == 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1:
+        sorted_probs, order = probs.sort(descending=True)
+        keep = sorted_probs.cumsum(0) - sorted_probs < top_p  # the smallest prefix reaching top_p
+        probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_probs[keep])
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _llamacpp(path: Path, text: str, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+              seed: int = 0) -> Iterator[str]:
+    from grokquant.runtime.llama_engine import open_llama
+
+    llm = open_llama(path, n_ctx=512, verbose=False, yarn_beta_fast=-1.0, yarn_beta_slow=-1.0,
+                     yarn_attn_factor=-1.0, seed=seed)
+    for piece in llm(text, max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stream=True):
+        yield piece["choices"][0]["text"]

@@ -1,0 +1,76 @@
+"""Parameter counts and artifact sizes, from tensor shapes alone (no weights are read)."""
+
+from __future__ import annotations
+
+import math
+
+from grokquant.grok.config import GrokConfig, parse_expert_name
+
+GPTQ_GROUP = 128
+
+
+def tensor_class(name: str) -> str:
+    """attention, dense_mlp, experts, router, norms, embedding or lm_head."""
+    if parse_expert_name(name):
+        return "experts"
+    if name == "model.embed_tokens.weight":
+        return "embedding"
+    if name == "lm_head.weight":
+        return "lm_head"
+    if name.endswith("block_sparse_moe.gate.weight"):
+        return "router"
+    if ".self_attn." in name:
+        return "attention"
+    if ".mlp." in name:
+        return "dense_mlp"
+    return "norms"
+
+
+def param_counts(shapes: dict[str, tuple[int, ...]], cfg: GrokConfig) -> dict[str, int]:
+    """Counts per tensor class, total, always-on and active per token (top-k experts)."""
+    counts = dict.fromkeys(("attention", "dense_mlp", "experts", "router", "norms", "embedding", "lm_head"), 0)
+    for name, shape in shapes.items():
+        counts[tensor_class(name)] += math.prod(shape)
+    counts["total"] = sum(counts.values())
+    counts["always_on"] = counts["attention"] + counts["dense_mlp"] + counts["embedding"] + counts["lm_head"]
+    per_expert = counts["experts"] // max(1, cfg.num_local_experts)
+    counts["active_per_token"] = (counts["attention"] + counts["dense_mlp"] + counts["router"] + counts["norms"]
+                                  + counts["lm_head"] + per_expert * cfg.num_experts_per_tok)
+    return counts
+
+
+def _int8_bytes(shape) -> int:  # int8 per output channel + one fp16 scale per row
+    return math.prod(shape) + 2 * shape[0]
+
+
+def _gptq_bytes(shape, bits: int = 4, group: int = GPTQ_GROUP) -> int:
+    out, inp = shape
+    groups = -(-inp // group)
+    return (inp * bits // 8) * out + groups * out * 2 + groups * out * bits // 8 + inp * 4
+
+
+def format_bytes(cfg: GrokConfig) -> dict[str, int]:
+    """Weight bytes of the checkpoint in each format.
+
+    bf16: everything 2 bytes. int8 / GPTQ int4-g128 (weight-only): attention, dense MLP and experts
+    (and lm_head for int8) quantized, the rest bf16. GGUF: llama.cpp's mixes, norms and router F32.
+    """
+    shapes = cfg.all_shapes()
+    out = {"bf16": 2 * sum(math.prod(s) for s in shapes.values())}
+    int8 = gptq = 0
+    for name, shape in shapes.items():
+        cls = tensor_class(name)
+        int8 += _int8_bytes(shape) if cls in ("attention", "dense_mlp", "experts", "lm_head") else 2 * math.prod(shape)
+        gptq += _gptq_bytes(shape) if cls in ("attention", "dense_mlp", "experts") else 2 * math.prod(shape)
+    out["int8"] = int8
+    out["gptq_int4_g128"] = gptq
+    for ftype in ("q8_0", "q6_k", "q5_k_m", "q4_k_m", "iq4_xs"):
+        out[ftype] = gguf_bytes(cfg, ftype)
+    return out
+
+
+def gguf_bytes(cfg: GrokConfig, ftype: str, has_imatrix: bool = False) -> int:
+    from grokquant.gguf.convert import plan
+    from grokquant.quantize.recipe import GGUFRecipe
+
+    return sum(t.nbytes for t in plan(cfg, GGUFRecipe(ftype, ftype), has_imatrix))
