@@ -46,7 +46,7 @@ def build(cfg, variant: str, device: torch.device, dtype: torch.dtype) -> Grok2F
         linear = len(shape) == 2 and name != "model.embed_tokens.weight" and not name.endswith("gate.weight")
         if not linear:
             t = torch.ones(shape) if len(shape) == 1 else torch.randn(shape, generator=g, device=device) * 0.02
-            model._assign(model, {name: t}, dtype, device)
+            model.assign({name: t}, dtype, device)
             continue
         W = torch.randn(shape, generator=g, device=device) * 0.02
         if variant == "bf16" or name == "lm_head.weight":

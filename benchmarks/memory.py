@@ -28,7 +28,7 @@ Grok2ForCausalLM.empty(synth_config("tiny"))
 STREAM = """
 import sys, torch
 from grokquant.grok.checkpoint import Checkpoint
-from grokquant.grok.model import streamed_logits
+from grokquant.grok.streaming import streamed_logits
 logits = streamed_logits(Checkpoint.open(sys.argv[1]), torch.arange(128).view(2, 64))
 """
 

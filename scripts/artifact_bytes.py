@@ -3,6 +3,8 @@
     python scripts/artifact_bytes.py REV            # REV (e.g. a commit before a refactor) vs the working tree
     python scripts/artifact_bytes.py REV --keep DIR # and keep both output trees under DIR
 
+The working tree is copied first (tracked and untracked, not ignored), so editing on meanwhile is safe.
+
 Both versions run through the command line only (the interface a refactor keeps), in child processes
 with the same thread count, on the same small synthetic checkpoints: `synth`, `convert` to every file
 type and recipe (with and without an imatrix), `calibrate` (statistics, Hessians, imatrix), `quantize`
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -62,6 +65,17 @@ def write_all(source: Path, out: Path) -> None:
             sys.exit(f"{source}: grokquant {' '.join(args)} failed:\n{proc.stderr[-2000:]}")
 
 
+def snapshot(dst: Path) -> None:
+    """A copy of the working tree's files (tracked, and untracked but not ignored)."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, check=True,
+                           capture_output=True).stdout.decode().split("\0")
+    for name in filter(None, files):
+        src = REPO / name
+        if src.is_file():
+            (dst / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst / name)
+
+
 def digests(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*")) if p.is_file()}
@@ -74,13 +88,14 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(args.keep or tmp)
-        old_src, old_out, new_out = tmp / "src", tmp / "old", tmp / "new"
+        old_src, new_src, old_out, new_out = tmp / "src", tmp / "src-new", tmp / "old", tmp / "new"
+        snapshot(new_src)
         subprocess.run(["git", "worktree", "add", "-q", "--detach", str(old_src), args.rev], cwd=REPO, check=True)
         try:
             for d in (old_out, new_out):
                 d.mkdir(parents=True)
             write_all(old_src, old_out)
-            write_all(REPO, new_out)
+            write_all(new_src, new_out)
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(old_src)], cwd=REPO, check=True)
         old, new = digests(old_out), digests(new_out)

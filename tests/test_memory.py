@@ -21,7 +21,7 @@ Grok2ForCausalLM.empty(synth_config("tiny"))
 STREAM = """
 import sys, torch
 from grokquant.grok.checkpoint import Checkpoint
-from grokquant.grok.model import streamed_logits
+from grokquant.grok.streaming import streamed_logits
 ckpt = Checkpoint.open(sys.argv[1])
 logits = streamed_logits(ckpt, torch.arange(64).view(2, 32))
 assert torch.isfinite(logits).all()

@@ -6,8 +6,8 @@ import torch
 
 from grokquant.grok.checkpoint import Checkpoint
 from grokquant.grok.config import GrokConfig
-from grokquant.grok.model import (PRESETS, Grok2ForCausalLM, KVCache, Semantics, gelu, rope_cos_sin, streamed_logits,
-                             yarn_corr_dims)
+from grokquant.grok.model import PRESETS, Grok2ForCausalLM, KVCache, Semantics, gelu, rope_cos_sin, yarn_corr_dims
+from grokquant.grok.streaming import streamed_logits
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Importance matrices in llama.cpp's GGUF imatrix format (spec quant.md §9).
+"""Importance matrices in llama.cpp's GGUF imatrix format (llama.cpp `tools/imatrix`, PR #9400).
 
 Per weight `<name>.in_sum2` (Σx², [n_mat, ne0]) and `<name>.counts` ([n_mat, 1]); the importance
 of a column is in_sum2 / count, with 1.0 for experts that saw no tokens (as llama-quantize does).

@@ -18,22 +18,9 @@ from typing import Callable, Iterator
 import torch
 
 from grokquant.grok.checkpoint import Checkpoint
-from grokquant.grok.model import Grok2ForCausalLM, rope_cos_sin
-
-# linear (relative to its decoder layer) -> the statistics group of its input
-SHARED_INPUTS = {"self_attn.q_proj": "attn_qkv", "self_attn.o_proj": "attn_o", "mlp.gate_proj": "mlp_gate_up",
-                 "mlp.down_proj": "mlp_down"}
-
-
-def group_of(linear: str) -> str | None:
-    """Statistics group of a linear's input, e.g. block_sparse_moe.experts.3.w1 -> expert3_w13."""
-    if linear in SHARED_INPUTS:
-        return SHARED_INPUTS[linear]
-    parts = linear.split(".")
-    if len(parts) == 4 and parts[:2] == ["block_sparse_moe", "experts"] and parts[3] in ("w1", "w2"):
-        return f"expert{parts[2]}_{'w2' if parts[3] == 'w2' else 'w13'}"
-    return None  # k/v/up/w3 share their group's input; the router is never quantized
-
+from grokquant.grok.model import Grok2ForCausalLM
+from grokquant.grok.streaming import LayerStreamer
+from grokquant.grok.names import DENSE_LINEARS, EXPERTS, expert_group, input_group
 
 @dataclass
 class LayerStats:
@@ -44,18 +31,26 @@ class LayerStats:
     with_hessians: bool = False  # collected (entries may since have been handed to the quantizers)
 
     def expert_tokens(self, n_experts: int) -> list[int]:
-        return [self.count.get(f"expert{e}_w13", 0) for e in range(n_experts)]
+        return [self.count.get(expert_group(e, "w13"), 0) for e in range(n_experts)]
+
+    def drop_hessians(self, groups) -> None:
+        """Hand back the memory of Hessians no one needs any more."""
+        for g in groups:
+            self.hessian.pop(g, None)
 
 
-class _Collector:
-    """Forward pre-hooks on one decoder layer's linears that accumulate their inputs' statistics."""
+class Collector:
+    """Forward pre-hooks on one decoder layer's linears that accumulate their inputs' statistics: one
+    hook per statistics group, on its first linear (q/k/v, gate/up and w1/w3 see the same input)."""
 
     def __init__(self, layer_module: torch.nn.Module, stats: LayerStats, hessians: bool):
         self.stats, self.hessians, self.handles = stats, hessians, []
         self.active = True  # False: forward passes that must not count (e.g. through quantized weights)
+        hooked = set()
         for name, module in layer_module.named_modules():
-            group = group_of(name)
-            if group is not None:
+            group = input_group(name)
+            if group is not None and group not in hooked:
+                hooked.add(group)
                 self.handles.append(module.register_forward_pre_hook(self._hook(group)))
 
     def _hook(self, group: str):
@@ -91,14 +86,13 @@ def collect(ckpt: Checkpoint, tokens: torch.Tensor, semantics: str = "sglang", h
     """
     cfg = ckpt.config
     model = Grok2ForCausalLM.empty(cfg, semantics)
-    hidden = model.embed_streamed(ckpt.tensor, tokens, batch_size)
-    positions = torch.arange(tokens.shape[1], device=device)
-    rope = rope_cos_sin(positions, cfg, model.sem)
+    streamer = LayerStreamer(model, ckpt.tensor, tokens.shape[1], device=device)
+    hidden = streamer.embed(tokens, batch_size)
     for layer in range(cfg.num_hidden_layers):
         stats = LayerStats(layer, with_hessians=hessians)
-        collector = _Collector(model.model.layers[layer], stats, hessians)
+        collector = Collector(model.model.layers[layer], stats, hessians)
         try:
-            hidden = model.stream_layer(layer, ckpt.tensor, hidden, positions, rope, device=device)
+            hidden = streamer.run(layer, hidden, collector=collector)
         finally:
             collector.remove()
         stats.sum2 = {k: v.float().cpu() for k, v in stats.sum2.items()}
@@ -114,25 +108,19 @@ def imatrix_entries(stats: LayerStats, n_experts: int) -> dict[str, tuple[torch.
     """GGUF weight name -> (Σx² [n_mat, n], counts [n_mat]) in llama.cpp's imatrix layout."""
     blk = f"blk.{stats.layer}."
     out = {}
-
-    def dense(names, group):
-        if group in stats.sum2:
-            for n in names:
-                out[blk + n] = (stats.sum2[group][None], torch.tensor([float(stats.count[group])]))
-
-    dense(("attn_q.weight", "attn_k.weight", "attn_v.weight"), "attn_qkv")
-    dense(("attn_output.weight",), "attn_o")
-    dense(("ffn_gate.weight", "ffn_up.weight"), "mlp_gate_up")
-    dense(("ffn_down.weight",), "mlp_down")
-    for kind, names in (("w13", ("ffn_gate_exps.weight", "ffn_up_exps.weight")), ("w2", ("ffn_down_exps.weight",))):
-        groups = [f"expert{e}_{kind}" for e in range(n_experts)]
+    for t in DENSE_LINEARS:
+        if t.group in stats.sum2:
+            out[blk + t.gguf] = (stats.sum2[t.group][None], torch.tensor([float(stats.count[t.group])]))
+    for kind in ("w13", "w2"):
+        groups = [expert_group(e, kind) for e in range(n_experts)]
         width = next((stats.sum2[g].numel() for g in groups if g in stats.sum2), None)
         if width is None:
             continue  # no expert of this layer saw a token
         sums = torch.stack([stats.sum2.get(g, torch.zeros(width)) for g in groups])
         counts = torch.tensor([float(stats.count.get(g, 0)) for g in groups])
-        for n in names:
-            out[blk + n] = (sums, counts)
+        for t in EXPERTS:
+            if t.group == kind:
+                out[blk + t.gguf] = (sums, counts)
     return out
 
 

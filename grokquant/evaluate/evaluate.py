@@ -210,18 +210,16 @@ def _torch_logits(art: Artifact, windows: Windows, batch_size: int) -> Iterator[
 def _streamed_logits(source, semantics: str, windows: Windows, batch_size: int) -> Iterator[torch.Tensor]:
     """One decoder layer's dense part or one expert in memory at a time; the hidden states of every window
     wait between layers."""
-    from grokquant.grok.model import Grok2ForCausalLM, rope_cos_sin
+    from grokquant.grok.model import Grok2ForCausalLM
+    from grokquant.grok.streaming import LayerStreamer
 
     cfg = source.config
-    model = Grok2ForCausalLM.empty(cfg, semantics)
-    hidden = model.embed_streamed(source.tensor, windows.tokens, batch_size)
-    positions = torch.arange(windows.ctx)
-    rope = rope_cos_sin(positions, cfg, model.sem)
+    streamer = LayerStreamer(Grok2ForCausalLM.empty(cfg, semantics), source.tensor, windows.ctx)
+    hidden = streamer.embed(windows.tokens, batch_size)
     for layer in range(cfg.num_hidden_layers):
-        hidden = model.stream_layer(layer, source.tensor, hidden, positions, rope)
-    model._assign(model, {n: source.tensor(n) for n in ("model.norm.weight", "lm_head.weight")}, torch.float32, "cpu")
+        hidden = streamer.run(layer, hidden)
     for h in hidden:
-        yield model.head(h[:, windows.logit_span])
+        yield streamer.head(h[:, windows.logit_span])
 
 
 def _llamacpp_logits(path: Path, windows: Windows) -> Iterator[torch.Tensor]:

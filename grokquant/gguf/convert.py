@@ -16,10 +16,10 @@ import numpy as np
 import torch
 
 from grokquant.grok.checkpoint import Checkpoint
-from grokquant.grok.config import GrokConfig, expert_name
+from grokquant.grok.config import GrokConfig
 from grokquant.errors import GrokquantError
 from grokquant.gguf.file import GGUFWriter, read_gguf
-from grokquant.grok.names import GLOBAL, LAYER, gguf_tensors
+from grokquant.grok.names import gguf_tensors, release_names
 from grokquant.quant.ggml.base import quantize
 from grokquant.quant.ggml.types import TYPES, GGMLType
 from grokquant.quant.ggml.mixes import FTYPES, fallback, is_quantizable, tensor_type
@@ -48,12 +48,8 @@ class PlannedTensor:
 
 
 def plan(cfg: GrokConfig, recipe: GGUFRecipe, has_imatrix: bool = False) -> list[PlannedTensor]:
-    out = []
-    reverse = {v: k for k, v in GLOBAL.items()}
-    for gname, shape in gguf_tensors(cfg):
-        out.append(PlannedTensor(gname, shape, choose_type(cfg, recipe, gname, shape, has_imatrix),
-                                 _sources(cfg, gname, reverse)))
-    return out
+    return [PlannedTensor(gname, shape, choose_type(cfg, recipe, gname, shape, has_imatrix), release_names(gname, cfg))
+            for gname, shape in gguf_tensors(cfg)]
 
 
 def choose_type(cfg: GrokConfig, recipe: GGUFRecipe, gname: str, shape, has_imatrix: bool) -> GGMLType:
@@ -66,18 +62,6 @@ def choose_type(cfg: GrokConfig, recipe: GGUFRecipe, gname: str, shape, has_imat
         return fallback(TYPES[FTYPES[recipe.ftype][1]], shape[-1])
     return tensor_type(recipe.ftype, gname, shape, cfg.num_hidden_layers, cfg.num_local_experts, has_imatrix,
                        cfg.num_attention_heads // cfg.num_key_value_heads)
-
-
-def _sources(cfg: GrokConfig, gname: str, reverse: dict[str, str]) -> list[str]:
-    if gname in reverse:
-        return [reverse[gname]]
-    _, layer, base, _ = gname.split(".")
-    layer = int(layer)
-    stacked = {"ffn_gate_exps": "w1", "ffn_up_exps": "w3", "ffn_down_exps": "w2"}
-    if base in stacked:
-        return [expert_name(layer, e, stacked[base]) for e in range(cfg.num_local_experts)]
-    rest = next(k for k, v in LAYER.items() if v == f"{base}.weight")
-    return [f"model.layers.{layer}.{rest}"]
 
 
 # ---- metadata -------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""GGUF v3 files: a streaming writer and a header reader (spec quant.md §1).
+"""GGUF v3 files: a streaming writer and a header reader (the layout of ggml's `docs/gguf.md`).
 
 The writer needs every tensor's name, shape and type before any data, then takes data tensor by
 tensor (in chunks if wanted), so a file far larger than memory can be written. The reader parses

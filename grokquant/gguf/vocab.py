@@ -1,4 +1,5 @@
-"""`tokenizer.tok.json` -> a GGUF `gpt2` BPE vocabulary (spec grok2.md §8.2).
+"""`tokenizer.tok.json` -> a GGUF `gpt2` BPE vocabulary, as llama.cpp's `convert_hf_to_gguf.py` builds
+one from tiktoken ranks.
 
 Tokens are byte strings mapped through GPT-2's byte->unicode table; merges are rebuilt from the
 tiktoken ranks: a token's merge is the last step of running BPE on its own bytes with only lower

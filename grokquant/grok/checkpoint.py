@@ -136,9 +136,6 @@ class Checkpoint:
         for layer in range(self.config.num_hidden_layers):
             yield layer, self.layer_tensors(layer)
 
-    def global_tensors(self) -> dict[str, torch.Tensor]:
-        return {name: self.tensor(name) for name in self.config.global_shapes()}
-
 
 # ---- scanning and validation ---------------------------------------------------------------------
 

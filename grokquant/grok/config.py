@@ -128,10 +128,6 @@ class GrokConfig:
     def kv_dim(self) -> int:
         return self.num_key_value_heads * self.head_dim
 
-    @property
-    def expert_slice(self) -> int:
-        return self.moe_intermediate_size // TP_RANKS
-
     def layer_shapes(self, layer: int) -> dict[str, tuple[int, ...]]:
         """Full (merged) shape of every tensor of one decoder layer, keyed by release name."""
         H, D, M, E = self.hidden_size, self.intermediate_size, self.moe_intermediate_size, self.num_local_experts
@@ -188,11 +184,4 @@ def parse_expert_name(name: str) -> tuple[int, int, str] | None:
             and parts[4] == "experts" and parts[6] in EXPERT_PROJS and parts[7] == "weight"
             and parts[2].isdigit() and parts[5].isdigit()):
         return int(parts[2]), int(parts[5]), parts[6]
-    return None
-
-
-def layer_of(name: str) -> int | None:
-    parts = name.split(".")
-    if len(parts) > 3 and parts[0] == "model" and parts[1] == "layers" and parts[2].isdigit():
-        return int(parts[2])
     return None

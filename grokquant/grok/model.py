@@ -1,7 +1,7 @@
 """A readable PyTorch Grok 2, with switchable semantics.
 
 Module names mirror the release's tensor names, so `state_dict()` keys are checkpoint names.
-Two presets (spec grok2.md §5-6):
+Two presets (SGLang's `grok.py` and llama.cpp's `LLM_ARCH_GROK` graph):
 - `sglang`: the reference runtime: router softcap 30, raw top-2 softmax weights, attention
   temperature for positions > 1024, erf GELU, plain NeoX RoPE, (dense + MoE) / sqrt(2).
 - `llama.cpp`: what llama.cpp computes from our GGUF: no router softcap, renormalised top-2,
@@ -313,18 +313,6 @@ class Grok2Model(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
-@dataclass
-class MoEBatch:
-    """One batch of hidden states inside a layer run in parts: what the experts need and what finishes it."""
-
-    h: torch.Tensor  # after the attention residual [B, T, H]
-    x: torch.Tensor  # MLP / MoE input, flattened [N, H]
-    dense: torch.Tensor  # dense MLP output [B, T, H]
-    weights: torch.Tensor  # router weights [N, k]
-    ids: torch.Tensor  # router choices [N, k]
-    moe: torch.Tensor  # experts' weighted sum, accumulated expert by expert [N, H] float32
-
-
 class Grok2ForCausalLM(nn.Module):
     def __init__(self, cfg: GrokConfig, sem: Semantics | str = "sglang"):
         super().__init__()
@@ -355,7 +343,7 @@ class Grok2ForCausalLM(nn.Module):
         return model
 
     def load_globals(self, get: Callable[[str], torch.Tensor], dtype=torch.float32, device="cpu") -> None:
-        self._assign(self, {n: get(n) for n in self.cfg.global_shapes()}, dtype, device)
+        self.assign({n: get(n) for n in self.cfg.global_shapes()}, dtype, device)
 
     def load_layer(self, layer: int, get: Callable[[str], torch.Tensor], dtype=torch.float32, device="cpu",
                    names: Iterable[str] | None = None) -> None:
@@ -368,65 +356,21 @@ class Grok2ForCausalLM(nn.Module):
             if param.device.type != "meta" and param.dtype == dtype:
                 param.copy_(get(name))  # storage recycled from another layer
             else:
-                self._assign(module, {local: get(name)}, dtype, device)
+                self.assign({local: get(name)}, dtype, device, module)
 
-    # ---- a layer in parts: the dense part, then one expert at a time (a real-width layer is 17 GB in f32)
     def dense_part(self, layer: int) -> list[str]:
         """Release names of a layer's attention, norms, router and dense MLP."""
         return [n for n in self.cfg.layer_shapes(layer) if not parse_expert_name(n)]
-
-    def attend_all(self, layer: int, hidden: list[torch.Tensor], positions, cos, sin,
-                   device="cpu") -> list[MoEBatch]:
-        """Attention, router and dense MLP of `layer` (loaded) on every batch of hidden states."""
-        module = self.model.layers[layer]
-        moe = module.block_sparse_moe
-        done = []
-        for h in hidden:
-            h1, m = module.attend(h.to(device), positions, cos, sin, None, layer, self.sem)
-            x = m.reshape(-1, m.shape[-1])
-            weights, ids = moe.route(x, self.sem)
-            done.append(MoEBatch(h1, x, module.mlp(m, self.sem.gelu), weights, ids,
-                                 torch.zeros(x.shape, dtype=torch.float32, device=x.device)))
-        return done
-
-    def drop_dense_part(self, layer: int) -> None:
-        """Free the attention, dense MLP and router once every batch went through them (the norms stay)."""
-        module = self.model.layers[layer]
-        for part in (module.self_attn, module.mlp, module.block_sparse_moe.gate):
-            part.to("meta")
-        release_freed_memory()
-
-    def finish_all(self, layer: int, batches: list[MoEBatch]) -> list[torch.Tensor]:
-        module = self.model.layers[layer]
-        return [module.finish(b.h, b.dense, b.moe.to(b.h.dtype).view(b.h.shape), self.sem) for b in batches]
-
-    def stream_layer(self, layer: int, get: Callable[[str], torch.Tensor], hidden: list[torch.Tensor], positions,
-                     rope, dtype=torch.float32, device="cpu") -> list[torch.Tensor]:
-        """Layer `layer` on every batch of `hidden`, its weights read from get(release_name) in parts:
-        the dense part, then one expert at a time. Bit-identical to the whole layer's forward."""
-        cos, sin = (t.to(device) for t in rope)
-        self.load_layer(layer, get, dtype, device, names=self.dense_part(layer))
-        batches = self.attend_all(layer, hidden, positions, cos, sin, device)
-        self.drop_dense_part(layer)
-        moe = self.model.layers[layer].block_sparse_moe
-        for e in range(self.cfg.num_local_experts):
-            self.load_layer(layer, get, dtype, device, names=[expert_name(layer, e, p) for p in ("w1", "w3", "w2")])
-            for b in batches:
-                moe.add_expert(e, b.x, b.weights, b.ids, self.sem, b.moe)
-            moe.experts[e].to("meta")
-            release_freed_memory()  # before the next expert arrives
-        out = [o.to(h.device) for o, h in zip(self.finish_all(layer, batches), hidden)]
-        del batches
-        self.unload_layer(layer)
-        return out
 
     def unload_layer(self, layer: int) -> None:
         """Hand a layer's memory back (its parameters return to the meta device)."""
         self.model.layers[layer].to("meta")
         release_freed_memory()
 
-    @staticmethod
-    def _assign(module: nn.Module, tensors: dict[str, torch.Tensor], dtype, device) -> None:
+    def assign(self, tensors: dict[str, torch.Tensor], dtype=torch.float32, device="cpu",
+               module: nn.Module | None = None) -> None:
+        """Set parameters of the model (or of `module`, by names relative to it) from `tensors`."""
+        module = self if module is None else module
         params = dict(module.named_parameters())
         for name, t in tensors.items():
             if name not in params:
@@ -440,15 +384,6 @@ class Grok2ForCausalLM(nn.Module):
     # ---- forward -------------------------------------------------------------------------------------
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(tokens) * self.cfg.embedding_multiplier_scale
-
-    def embed_streamed(self, get: Callable[[str], torch.Tensor], tokens: torch.Tensor, batch_size: int | None = None,
-                       dtype=torch.float32) -> list[torch.Tensor]:
-        """Hidden states of `tokens` [B, T] in batches of sequences; the embedding is loaded only for this."""
-        self._assign(self, {"model.embed_tokens.weight": get("model.embed_tokens.weight")}, dtype, "cpu")
-        step = batch_size or tokens.shape[0]
-        hidden = [self.embed(tokens[i:i + step]) for i in range(0, tokens.shape[0], step)]
-        self.model.embed_tokens.to("meta")
-        return hidden
 
     def positions(self, T: int, cache: KVCache | None, device) -> torch.Tensor:
         start = cache.length if cache is not None else 0
@@ -501,22 +436,3 @@ class Grok2ForCausalLM(nn.Module):
                 return
             yield token
             logits = self(torch.tensor([[token]], device=device), cache)
-
-
-@torch.no_grad()
-def streamed_logits(ckpt, tokens: torch.Tensor, sem: Semantics | str = "sglang",
-                    dtype=torch.float32, on_layer: Callable[[int], None] | None = None) -> torch.Tensor:
-    """Logits computed loading one layer at a time from the checkpoint: memory ~ one layer."""
-    model = Grok2ForCausalLM.empty(ckpt.config, sem)
-    if tokens.dim() == 1:
-        tokens = tokens[None]
-    hidden = model.embed_streamed(ckpt.tensor, tokens, dtype=dtype)
-    positions = model.positions(tokens.shape[1], None, tokens.device)
-    rope = rope_cos_sin(positions, model.cfg, model.sem)
-    for layer in range(ckpt.config.num_hidden_layers):
-        hidden = model.stream_layer(layer, ckpt.tensor, hidden, positions, rope, dtype)
-        if on_layer:
-            on_layer(layer)
-    (h,) = hidden
-    model._assign(model, {n: ckpt.tensor(n) for n in ("model.norm.weight", "lm_head.weight")}, dtype, "cpu")
-    return model.head(h)

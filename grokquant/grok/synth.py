@@ -21,7 +21,7 @@ from grokquant.grok.config import EXPERT_MERGE_DIM, TP_RANKS, GrokConfig, parse_
 from grokquant.errors import GrokquantError
 from grokquant.io.safetensors_file import write_safetensors
 
-# File number of each tensor kind in the release (spec grok2.md §3).
+# File number of each tensor kind in the release (the `pytorch_model-NNNNN-TP-*.safetensors` files of xai-org/grok-2).
 FILE_NUMBER = {
     "model.embed_tokens.weight": 0, "lm_head.weight": 1, "model.norm.weight": 2,
     "mlp.gate_proj.weight": 3, "mlp.down_proj.weight": 4, "mlp.up_proj.weight": 5,

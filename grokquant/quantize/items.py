@@ -17,21 +17,15 @@ import torch
 
 from grokquant.calibrate.statistics import LayerStats
 from grokquant.grok.config import GrokConfig, expert_name
-from grokquant.grok.names import gguf_name
+from grokquant.grok.names import DENSE_LINEARS, all_tokens, expert_group, gguf_name, stack_groups
 from grokquant.grok.model import gelu
 from grokquant.quant.ggml.base import QUANTIZERS
 from grokquant.quant.gptq import IntQuantConfig, IntQuantized, gptq, rtn
 from grokquant.quant.gptq_ggml import ggml_rtn, gptq_ggml
 from grokquant.quantize.recipe import GGUFRecipe, GPTQRecipe
 
-# linear -> (statistics group, tensor class)
-DENSE_LINEARS = {
-    "self_attn.q_proj": ("attn_qkv", "attention"), "self_attn.k_proj": ("attn_qkv", "attention"),
-    "self_attn.v_proj": ("attn_qkv", "attention"), "self_attn.o_proj": ("attn_o", "attention"),
-    "mlp.gate_proj": ("mlp_gate_up", "dense_mlp"), "mlp.up_proj": ("mlp_gate_up", "dense_mlp"),
-    "mlp.down_proj": ("mlp_down", "dense_mlp"),
-}
-EXPERT_GROUP = {"w1": "w13", "w3": "w13", "w2": "w2"}
+# module name of each quantized dense linear within a layer -> its table entry (group and class)
+DENSE = {t.release[: -len(".weight")]: t for t in DENSE_LINEARS}
 Recipe = GPTQRecipe | GGUFRecipe
 
 
@@ -47,7 +41,7 @@ class Item:
 
 def layer_items(cfg: GrokConfig, expert_batch: int) -> list[Item]:
     """Dense linears first, then per group of experts its w1, w3, w2 (the order groups are visited)."""
-    items = [Item(i, linear=linear) for i, linear in enumerate(DENSE_LINEARS)]
+    items = [Item(i, linear=linear) for i, linear in enumerate(DENSE)]
     n = cfg.num_local_experts
     for first in range(0, n, expert_batch):
         for proj in ("w1", "w3", "w2"):
@@ -87,9 +81,7 @@ def _importance(sum2: torch.Tensor, tokens: int) -> torch.Tensor:
 
 def stats_groups(item: Item) -> list[str]:
     """The statistics groups an item's own Hessians come from."""
-    if item.linear is not None:
-        return [DENSE_LINEARS[item.linear][0]]
-    return [f"expert{e}_{EXPERT_GROUP[item.proj]}" for e in range(*item.experts)]
+    return stack_groups(item.linear, item.proj, range(*item.experts))
 
 
 def last_uses(items: list[Item]) -> dict[int, set[str]]:
@@ -111,7 +103,7 @@ def build_stack(item: Item, layer: int, stats: LayerStats, recipe: Recipe,
         return stats.hessian.pop(g, default) if g in take else stats.hessian.get(g, default)
 
     if item.linear is not None:
-        group, cls = DENSE_LINEARS[item.linear]
+        group, cls = DENSE[item.linear].group, DENSE[item.linear].cls
         name = f"model.layers.{layer}.{item.linear}.weight"
         H = hessian(group)
         return Stack(cls, [name], weights(name).float()[None], None if H is None else H[None],
@@ -120,11 +112,10 @@ def build_stack(item: Item, layer: int, stats: LayerStats, recipe: Recipe,
     experts = range(*item.experts)
     names = [expert_name(layer, e, item.proj) for e in experts]
     W = torch.stack([weights(n).float() for n in names])
-    all_tokens = stats.count["mlp_gate_up"]
+    n_all = stats.count["mlp_gate_up"]
     Hs, imps, fallback, counts = [], [], [], []
     owned = True
-    for e in experts:
-        g = f"expert{e}_{EXPERT_GROUP[item.proj]}"
+    for g in stats_groups(item):
         n = stats.count.get(g, 0)
         own_H = hessian(g, torch.zeros(W.shape[2], W.shape[2])) if stats.with_hessians else None
         own_s = stats.sum2.get(g, torch.zeros(W.shape[2])).float()
@@ -133,12 +124,12 @@ def build_stack(item: Item, layer: int, stats: LayerStats, recipe: Recipe,
             H, s, k = own_H, own_s, n
             owned &= g in take
         elif recipe.under_covered == "all-tokens":
-            H, s, k = stats.hessian.get(g + "_all"), stats.sum2[g + "_all"], all_tokens
+            H, s, k = stats.hessian.get(all_tokens(g)), stats.sum2[all_tokens(g)], n_all
             owned = False
         else:  # prior: the expert's own tokens plus min_tokens tokens' worth of the all-token average
-            w = recipe.min_tokens / all_tokens
-            H = None if own_H is None else own_H + stats.hessian[g + "_all"] * w
-            s, k = own_s + stats.sum2[g + "_all"] * w, n + recipe.min_tokens
+            w = recipe.min_tokens / n_all
+            H = None if own_H is None else own_H + stats.hessian[all_tokens(g)] * w
+            s, k = own_s + stats.sum2[all_tokens(g)] * w, n + recipe.min_tokens
         Hs.append(H)
         imps.append(_importance(s, k))
         fallback.append(not covered and recipe.under_covered == "rtn")
@@ -156,15 +147,16 @@ def all_token_statistics(layer_module, experts: range, stats: LayerStats, recipe
                          m: torch.Tensor, hessians: bool) -> None:
     """Statistics of under-covered experts as if every calibration token m [N, H] were routed to them."""
     for e in experts:
-        if stats.count.get(f"expert{e}_w13", 0) >= recipe.min_tokens:
+        w13, w2 = expert_group(e, "w13"), expert_group(e, "w2")
+        if stats.count.get(w13, 0) >= recipe.min_tokens:
             continue
         expert = layer_module.block_sparse_moe.experts[e]
-        stats.sum2[f"expert{e}_w13_all"] = stats.sum2["mlp_gate_up"]  # the same input m, all tokens
+        stats.sum2[all_tokens(w13)] = stats.sum2["mlp_gate_up"]  # the same input m, all tokens
         a = gelu(expert.w1(m), gelu_flavour) * expert.w3(m)
-        stats.sum2[f"expert{e}_w2_all"] = a.pow(2).sum(0, dtype=torch.float64).cpu()
+        stats.sum2[all_tokens(w2)] = a.pow(2).sum(0, dtype=torch.float64).cpu()
         if hessians:
-            stats.hessian[f"expert{e}_w13_all"] = stats.hessian["mlp_gate_up"]
-            stats.hessian[f"expert{e}_w2_all"] = (a.T @ a).cpu()
+            stats.hessian[all_tokens(w13)] = stats.hessian["mlp_gate_up"]
+            stats.hessian[all_tokens(w2)] = (a.T @ a).cpu()
 
 
 def hessian_error(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor | None) -> torch.Tensor | None:

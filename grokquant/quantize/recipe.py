@@ -23,18 +23,17 @@ from pathlib import Path
 import yaml
 
 from grokquant.errors import GrokquantError
+from grokquant.grok.names import gguf_bases
 from grokquant.quant.ggml.types import TYPES
 from grokquant.quant.gptq import IntQuantConfig
 from grokquant.quant.ggml.mixes import FTYPES
 
 RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
-CLASSES = {
-    "attention": ("attn_q", "attn_k", "attn_v", "attn_output"),
-    "dense_mlp": ("ffn_gate", "ffn_up", "ffn_down"),
-    "experts": ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"),
-    "output": ("output",),
-    "embedding": ("token_embd",),
-}
+# a GGUF recipe's override keys: these classes (the output head is "output", as llama.cpp names it) or a
+# GGUF base name of one of their tensors
+CLASSES = {key: gguf_bases(cls) for key, cls in (("attention", "attention"), ("dense_mlp", "dense_mlp"),
+                                                 ("experts", "experts"), ("output", "lm_head"),
+                                                 ("embedding", "embedding"))}
 BASE_NAMES = {b for names in CLASSES.values() for b in names}
 UNDER_COVERED = ("rtn", "all-tokens", "prior")
 CALIBRATION_KEYS = {"min_tokens", "under_covered", "sequential"}

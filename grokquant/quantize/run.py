@@ -33,12 +33,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from grokquant.quantize import distributed
-from grokquant.calibrate.statistics import LayerStats, _Collector
+from grokquant.calibrate.statistics import Collector, LayerStats
 from grokquant.grok.checkpoint import Checkpoint
-from grokquant.grok.config import expert_name
 from grokquant.errors import GrokquantError
-from grokquant.io.memory import release_freed_memory
-from grokquant.grok.model import Grok2ForCausalLM, rope_cos_sin
+from grokquant.grok.model import Grok2ForCausalLM
+from grokquant.grok.names import expert_groups
+from grokquant.grok.streaming import LayerStreamer
 from grokquant.quantize.items import (Item, LayerResult, Recipe, all_token_statistics, item_cost, join_ggml, layer_items,
                              quantize_items)
 from grokquant.quantize.recipe import GGUFRecipe, GPTQRecipe
@@ -143,11 +143,9 @@ def quantize(checkpoint: str | Path, out: str | Path, recipe: Recipe, tokens: to
     items = layer_items(cfg, expert_batch)
     owner = distributed.assign([item_cost(cfg, it) for it in items], group.world)
 
-    model = Grok2ForCausalLM.empty(cfg, "sglang")
-    hidden = group.broadcast(hidden) if state["done"] else model.embed_streamed(ckpt.tensor, tokens, batch_size)
-    positions = torch.arange(tokens.shape[1], device=device)
-    run = _Run(ckpt, recipe, model, group, items, owner, types, device, hessians, positions,
-               *(t.to(device) for t in rope_cos_sin(positions, cfg, model.sem)))
+    streamer = LayerStreamer(Grok2ForCausalLM.empty(cfg, "sglang"), ckpt.tensor, tokens.shape[1], device=device)
+    hidden = group.broadcast(hidden) if state["done"] else streamer.embed(tokens, batch_size)
+    run = _Run(ckpt, recipe, streamer, group, items, owner, types, device, hessians)
 
     for layer in range(state["done"], n_layers):
         written, hidden = _quantize_layer(run, layer, hidden)
@@ -185,16 +183,13 @@ class _Run:
 
     ckpt: Checkpoint
     recipe: Recipe
-    model: Grok2ForCausalLM
+    streamer: LayerStreamer
     group: distributed.Group
     items: list[Item]
     owner: list[int]  # rank of each item
     types: dict[str, str]  # GGUF name -> GGML type (gguf recipes)
     device: str
     hessians: bool
-    positions: torch.Tensor
-    cos: torch.Tensor
-    sin: torch.Tensor
 
     def mine(self, selected: Iterable[Item]) -> list[Item]:
         return [it for it in selected if self.owner[it.index] == self.group.rank]
@@ -207,81 +202,57 @@ def _to_cpu(stats: LayerStats) -> None:
 
 
 def _quantize_layer(run: _Run, layer: int, hidden: list[torch.Tensor]) -> tuple[LayerResult, list[torch.Tensor]]:
-    """One decoder layer: (what rank 0 stores for it, the hidden states for the next layer)."""
-    ckpt, recipe, model, device = run.ckpt, run.recipe, run.model, run.device
-    sem = model.sem
+    """One decoder layer: (what rank 0 stores for it, the hidden states for the next layer).
+
+    The streamer runs the layer's dense part, then each group of experts; after each part's forward
+    pass the hooks below quantize it while its weights are in memory, and in sequential mode hand back
+    the quantized weights for the outputs that feed the next layer."""
+    ckpt, recipe, model = run.ckpt, run.recipe, run.streamer.model
     module = model.model.layers[layer]
-    moe = module.block_sparse_moe
     prefix = f"model.layers.{layer}."
-    dense_names = model.dense_part(layer)
-    stored = ckpt.dtype(dense_names[0])
+    stored = ckpt.dtype(model.dense_part(layer)[0])
+    stats = LayerStats(layer, with_hessians=run.hessians)
+    written = LayerResult()  # what rank 0 stores for this layer
 
     def loaded(name):  # the weights already in memory for the forward pass: each is read from disk once
         return module.get_parameter(name[len(prefix):]).detach()
 
-    def keep_as_stored(*modules):  # past the forward pass the weights are only read: the file's dtype
-        for m in modules:           # holds them exactly, in half the memory of float32
-            m.to(stored)
-
-    def quantized(selected: list[Item], stats: LayerStats) -> LayerResult | None:
-        results = quantize_items(run.mine(selected), layer, stats, recipe, loaded, run.types, device)
-        return _exchange(run.group, results, recipe.sequential)
-
-    def dequantized_or_stored(res: LayerResult | None):
-        return lambda n: res.dequantized[n] if n in res.dequantized else ckpt.tensor(n)
-
-    stats = LayerStats(layer, with_hessians=run.hessians)
-    collector = _Collector(module, stats, hessians=run.hessians)
-    written = LayerResult()  # what rank 0 stores for this layer
-    try:
-        model.load_layer(layer, ckpt.tensor, torch.float32, device, names=dense_names)
-        batches = model.attend_all(layer, hidden, run.positions, run.cos, run.sin, device)
-        keep_as_stored(module.self_attn, module.mlp)
+    def quantize_part(selected: list[Item], *modules):
+        for m in modules:  # past the forward pass the weights are only read: the file's dtype holds them
+            m.to(stored)    # exactly, in half the memory of float32
         _to_cpu(stats)
-        res = quantized([it for it in run.items if it.linear], stats)
+        res = _exchange(run.group, quantize_items(run.mine(selected), layer, stats, recipe, loaded, run.types,
+                                                  run.device), recipe.sequential)
         if res is not None:
             written.add(res)
-        for key in ("attn_qkv", "attn_o", "mlp_down") + (("mlp_gate_up",) if recipe.under_covered == "rtn" else ()):
-            stats.hessian.pop(key, None)  # done with; mlp_gate_up is every token's MoE input Hessian
-        outputs = batches
-        if recipe.sequential:  # the quantized attention and dense MLP feed the experts' outputs
-            collector.active = False
-            model.load_layer(layer, dequantized_or_stored(res), torch.float32, device, names=dense_names)
-            outputs = model.attend_all(layer, hidden, run.positions, run.cos, run.sin, device)
-        model.drop_dense_part(layer)
-        for first, last in sorted({it.experts for it in run.items if it.proj is not None}):
-            experts = range(first, last)
-            names = [expert_name(layer, e, p) for e in experts for p in ("w1", "w3", "w2")]
-            model.load_layer(layer, ckpt.tensor, torch.float32, device, names=names)
-            collector.active = True
-            for b in batches:
-                for e in experts:
-                    moe.add_expert(e, b.x, b.weights, b.ids, sem, None if recipe.sequential else b.moe)
-            if recipe.under_covered != "rtn":
-                all_token_statistics(module, experts, stats, recipe, sem.gelu, torch.cat([b.x for b in batches]),
-                                     run.hessians)
-            collector.active = False
-            keep_as_stored(*(moe.experts[e] for e in experts))
-            _to_cpu(stats)
-            res = quantized([it for it in run.items if it.experts == (first, last)], stats)
-            if res is not None:
-                written.add(res)
-            if recipe.sequential:
-                model.load_layer(layer, dequantized_or_stored(res), torch.float32, device, names=names)
-                for b in outputs:
-                    for e in experts:
-                        moe.add_expert(e, b.x, b.weights, b.ids, sem, b.moe)
-            for e in experts:  # this group's memory goes before the next group's arrives
-                moe.experts[e].to("meta")
-                for key in [k for k in stats.hessian if k.startswith(f"expert{e}_")]:
-                    del stats.hessian[key]
-            res = None
-            release_freed_memory()
+            return lambda n: res.dequantized[n] if n in res.dequantized else ckpt.tensor(n)
+        return ckpt.tensor
+
+    def on_dense(layer, batches):
+        replacement = quantize_part([it for it in run.items if it.linear], module.self_attn, module.mlp)
+        # done with these; mlp_gate_up is every token's MoE input Hessian, which the coverage policies use
+        stats.drop_hessians(("attn_qkv", "attn_o", "mlp_down") + (("mlp_gate_up",) if recipe.under_covered == "rtn"
+                                                                  else ()))
+        return replacement
+
+    def on_experts(layer, experts, batches):
+        if recipe.under_covered != "rtn":
+            all_token_statistics(module, experts, stats, recipe, model.sem.gelu, torch.cat([b.x for b in batches]),
+                                 run.hessians)
+        moe = module.block_sparse_moe
+        replacement = quantize_part([it for it in run.items if it.experts == (experts.start, experts.stop)],
+                                    *(moe.experts[e] for e in experts))
+        for e in experts:
+            stats.drop_hessians(expert_groups(e))
+        return replacement
+
+    groups = sorted({it.experts for it in run.items if it.proj is not None})
+    collector = Collector(module, stats, hessians=run.hessians)
+    try:
+        hidden = run.streamer.run(layer, hidden, groups, collector, on_dense, on_experts, replay=recipe.sequential)
     finally:
         collector.remove()
-    hidden = [h.cpu() for h in model.finish_all(layer, outputs)]
-    model.unload_layer(layer)
-    return written, hidden
+    return written, [h.cpu() for h in hidden]
 
 
 def read_report(artifact: str | Path) -> list[dict]:

@@ -247,8 +247,8 @@ def load(path: "str | Path | Source", device_map=None, max_memory: dict | None =
     model = Grok2ForCausalLM.empty(cfg, semantics or source.semantics)
     get = source.weights.tensor
 
-    model._assign(model, {"model.embed_tokens.weight": get("model.embed_tokens.weight")}, dtype, real(placement.embed))
-    model._assign(model, {"model.norm.weight": get("model.norm.weight")}, dtype, real(placement.head))
+    model.assign({"model.embed_tokens.weight": get("model.embed_tokens.weight")}, dtype, real(placement.embed))
+    model.assign({"model.norm.weight": get("model.norm.weight")}, dtype, real(placement.head))
     model.lm_head = builder.build("lm_head.weight", real(placement.head))
     for layer in range(cfg.num_hidden_layers):
         compute = real(placement.layers[layer])
@@ -263,7 +263,7 @@ def load(path: "str | Path | Source", device_map=None, max_memory: dict | None =
                 linear = builder.build(name, compute).to(store)  # packed for where it computes
                 module.set_submodule(owner, linear)
             else:
-                model._assign(module, {local: get(name)}, dtype, store)
+                model.assign({local: get(name)}, dtype, store, module)
     model.transfers = apply_placement(model, placement, physical)
     model.placement = placement
     model.tokenizer_path = source.tokenizer_path
