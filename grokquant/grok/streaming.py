@@ -90,8 +90,8 @@ class LayerStreamer:
             for b in batches:
                 for e in experts:
                     moe.add_expert(e, b.x, b.weights, b.ids, model.sem, None if replay else b.moe)
+            self._set_active(collector, False)  # what the hook pushes through the experts is not calibration
             replacement = on_experts(layer, experts, batches) if on_experts else None
-            self._set_active(collector, False)
             if replay:
                 model.load_layer(layer, replacement, self.dtype, self.device, names=names)
                 for b in outputs:
