@@ -176,7 +176,9 @@ def calibrate(checkpoint, output, tokens: torch.Tensor, imatrix_out=None, hessia
               batch_size: int = 8, device: str = "cpu", force: bool = False, dataset: str = "", metadata: dict | None = None,
               on_layer: Callable[[LayerStats], None] | None = None) -> list[list[int]]:
     """Collect statistics for every layer, write `output` (and the GGUF imatrix); returns tokens per
-    expert per layer. Each file is written under a temporary name and renamed when complete."""
+    expert per layer. `output` is for inspection and other tools (`load_stats`); the imatrix feeds
+    `convert --imatrix` or llama-quantize. `quantize` collects its own statistics with `Collector`.
+    Each file is written under a temporary name and renamed when complete."""
     from pathlib import Path
 
     from grokquant.errors import GrokquantError
