@@ -25,7 +25,7 @@ from grokquant.grok.model import Grok2ForCausalLM
 from grokquant.runtime.placement import GiB, LayerBytes, ModelBytes, Placement, apply_placement, plan_placement
 from grokquant.runtime.qlinear import (BNB_KINDS, GGML_INT4_TYPES, KERNELS, bnb_linear, dense_linear, gptq_linear, int4_from_ggml,
                       int4_kernel_available, int4_shape_ok, int8_kernel_available, linear_bytes)
-from grokquant.runtime.sizes import tensor_class
+from grokquant.grok.names import tensor_class
 
 LINEAR_CLASSES = ("attention", "dense_mlp", "experts", "lm_head")  # tensor classes held by linears
 PART_OF_CLASS = {"dense_mlp": "dense_mlp", "experts": "experts"}  # placement parts; the rest stays with the layer

@@ -19,14 +19,8 @@ from grokquant.grok.config import GrokConfig, parse_expert_name
 from grokquant.errors import GrokquantError
 from grokquant.runtime.placement import GiB, DoesNotFit, LayerBytes, ModelBytes, Placement, plan_placement
 from grokquant.quantize.recipe import GGUFRecipe, GPTQRecipe, load_recipe
-from grokquant.runtime.sizes import _gptq_bytes, tensor_class
-
-CLASSES = ("attention", "dense_mlp", "experts", "router", "norms", "embedding", "lm_head")
-GGUF_CLASS = {"attn_q": "attention", "attn_k": "attention", "attn_v": "attention", "attn_output": "attention",
-              "ffn_gate": "dense_mlp", "ffn_up": "dense_mlp", "ffn_down": "dense_mlp",
-              "ffn_gate_exps": "experts", "ffn_up_exps": "experts", "ffn_down_exps": "experts",
-              "ffn_gate_inp": "router", "token_embd": "embedding", "output": "lm_head"}
-
+from grokquant.grok.names import CLASSES, tensor_class
+from grokquant.runtime.sizes import gptq_bytes
 
 def recipe_from(spec: str) -> GGUFRecipe | GPTQRecipe:
     """A recipe by name or path; a bare llama.cpp file type (bf16, q8_0, ...) is a GGUF recipe too."""
@@ -35,11 +29,6 @@ def recipe_from(spec: str) -> GGUFRecipe | GPTQRecipe:
     if spec.lower() in FTYPES:
         return GGUFRecipe(spec.lower(), spec.lower())
     return load_recipe(spec)
-
-
-def gguf_class(gguf_name: str) -> str:
-    base = gguf_name.split(".")[-2] if gguf_name.startswith("blk.") else gguf_name.split(".")[0]
-    return GGUF_CLASS.get(base, "norms")
 
 
 @dataclass
@@ -59,7 +48,7 @@ def class_sizes(cfg: GrokConfig, recipe) -> dict[str, ClassSize]:
         from grokquant.gguf.convert import plan as gguf_plan
 
         for t in gguf_plan(cfg, recipe):
-            s = out[gguf_class(t.name)]
+            s = out[tensor_class(t.name)]
             s.params += math.prod(t.shape)
             s.nbytes += t.nbytes
         return out
@@ -68,7 +57,7 @@ def class_sizes(cfg: GrokConfig, recipe) -> dict[str, ClassSize]:
         qc = recipe.config_for(cls) if cls in ("attention", "dense_mlp", "experts") else None
         s = out[cls]
         s.params += math.prod(shape)
-        s.nbytes += _gptq_bytes(shape, qc.bits, qc.group_size if qc.group_size > 0 else shape[1]) \
+        s.nbytes += gptq_bytes(shape, qc.bits, qc.group_size if qc.group_size > 0 else shape[1]) \
             if qc is not None else 2 * math.prod(shape)
     return out
 

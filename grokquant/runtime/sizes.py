@@ -4,31 +4,15 @@ from __future__ import annotations
 
 import math
 
-from grokquant.grok.config import GrokConfig, parse_expert_name
+from grokquant.grok.config import GrokConfig
+from grokquant.grok.names import CLASSES, tensor_class
 
 GPTQ_GROUP = 128
 
 
-def tensor_class(name: str) -> str:
-    """attention, dense_mlp, experts, router, norms, embedding or lm_head."""
-    if parse_expert_name(name):
-        return "experts"
-    if name == "model.embed_tokens.weight":
-        return "embedding"
-    if name == "lm_head.weight":
-        return "lm_head"
-    if name.endswith("block_sparse_moe.gate.weight"):
-        return "router"
-    if ".self_attn." in name:
-        return "attention"
-    if ".mlp." in name:
-        return "dense_mlp"
-    return "norms"
-
-
 def param_counts(shapes: dict[str, tuple[int, ...]], cfg: GrokConfig) -> dict[str, int]:
     """Counts per tensor class, total, always-on and active per token (top-k experts)."""
-    counts = dict.fromkeys(("attention", "dense_mlp", "experts", "router", "norms", "embedding", "lm_head"), 0)
+    counts = dict.fromkeys(CLASSES, 0)
     for name, shape in shapes.items():
         counts[tensor_class(name)] += math.prod(shape)
     counts["total"] = sum(counts.values())
@@ -43,7 +27,7 @@ def _int8_bytes(shape) -> int:  # int8 per output channel + one fp16 scale per r
     return math.prod(shape) + 2 * shape[0]
 
 
-def _gptq_bytes(shape, bits: int = 4, group: int = GPTQ_GROUP) -> int:
+def gptq_bytes(shape, bits: int = 4, group: int = GPTQ_GROUP) -> int:
     out, inp = shape
     groups = -(-inp // group)
     return (inp * bits // 8) * out + groups * out * 2 + groups * out * bits // 8 + inp * 4
@@ -61,7 +45,7 @@ def format_bytes(cfg: GrokConfig) -> dict[str, int]:
     for name, shape in shapes.items():
         cls = tensor_class(name)
         int8 += _int8_bytes(shape) if cls in ("attention", "dense_mlp", "experts", "lm_head") else 2 * math.prod(shape)
-        gptq += _gptq_bytes(shape) if cls in ("attention", "dense_mlp", "experts") else 2 * math.prod(shape)
+        gptq += gptq_bytes(shape) if cls in ("attention", "dense_mlp", "experts") else 2 * math.prod(shape)
     out["int8"] = int8
     out["gptq_int4_g128"] = gptq
     for ftype in ("q8_0", "q6_k", "q5_k_m", "q4_k_m", "iq4_xs"):
