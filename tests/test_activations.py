@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from grokquant.grok.model import RMSNorm, _ggml_gelu_table
+from grokquant.grok.model import RMSNorm, ggml_gelu_table
 from grokquant.quant.ggml.activations import round_activations
 
 llama_cpp = pytest.importorskip("llama_cpp")
@@ -68,7 +68,7 @@ def test_gelu_table_equals_ggml(libcpu):
     theirs = table.view(np.float16).astype(np.float32)
     x = np.arange(65536, dtype=np.uint16).view(np.float16)
     used = np.isfinite(x) & (np.abs(x) < 10)  # ggml answers 0 and x itself outside (-10, 10)
-    assert np.array_equal(_ggml_gelu_table().numpy()[used], theirs[used])
+    assert np.array_equal(ggml_gelu_table().numpy()[used], theirs[used])
 
 
 def test_rms_norm_in_ggml_order():

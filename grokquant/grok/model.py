@@ -67,7 +67,7 @@ def gelu(x: torch.Tensor, flavour: str) -> torch.Tensor:
         return F.gelu(x, approximate="tanh")
     if flavour == "tanh_f16":  # ggml CPU: table of fp16 results indexed by the fp16-rounded input
         xf = x.float()
-        table = _ggml_gelu_table().to(xf.device)
+        table = ggml_gelu_table().to(xf.device)
         y = table[xf.half().view(torch.int16).long() & 0xFFFF]
         y = torch.where(xf <= -10, torch.zeros_like(xf), torch.where(xf >= 10, xf, y))
         return y.to(x.dtype)
@@ -75,7 +75,7 @@ def gelu(x: torch.Tensor, flavour: str) -> torch.Tensor:
 
 
 @functools.cache
-def _ggml_gelu_table() -> torch.Tensor:
+def ggml_gelu_table() -> torch.Tensor:
     """ggml_table_gelu_f16 as ggml-cpu builds it: fp16(0.5f*x*(1.0f + tanhf(SQRT_2_OVER_PI*x*(1.0f +
     GELU_COEF_A*x*x)))) for every fp16 x, in float32 in that order, with the C library's tanhf and the
     fused multiply-add that GCC contracts `1.0f + GELU_COEF_A*x*x` into on FMA builds (ggml.c's
