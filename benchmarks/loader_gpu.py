@@ -19,8 +19,7 @@ import time
 
 import torch
 
-from grokquant.gptq.layout import gptq_tensors
-from grokquant.gptq.weights import PackedLinear
+from grokquant.gptq.layout import PackedLinear, gptq_tensors
 from grokquant.grok.model import Grok2ForCausalLM, KVCache
 from grokquant.runtime.placement import Placement, apply_placement
 from grokquant.runtime.qlinear import dense_linear, gptq_linear, module_bytes

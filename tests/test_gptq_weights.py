@@ -9,12 +9,13 @@ import torch
 from grokquant.data.documents import calibration_tokens
 from grokquant.grok.checkpoint import Checkpoint
 from grokquant.errors import GrokquantError
-from grokquant.gptq.layout import gptq_tensors
-from grokquant.gptq.weights import GPTQWeights, PackedLinear, Quantization, is_gptq_dir
+from grokquant.gptq.config import Quantization, quantization_config
+from grokquant.gptq.layout import PackedLinear, gptq_tensors
+from grokquant.gptq.weights import GPTQWeights, is_gptq_dir
 from grokquant.grok.model import Grok2ForCausalLM
 from grokquant.quant.gptq import IntQuantConfig, gptq, rtn
 from grokquant.quantize.run import quantize
-from grokquant.quantize.recipe import load_recipe
+from grokquant.quantize.recipe import GPTQRecipe, load_recipe
 from grokquant.grok.tokenizer import load_tokenizer
 from test_gptq_format import unpack_v1
 
@@ -83,6 +84,18 @@ def test_dynamic_overrides():
     assert quant.for_module("model.layers.3.block_sparse_moe.experts.0.w1") == quant.default
     with pytest.raises(GrokquantError, match="awq"):
         Quantization.from_dict({"quant_method": "awq"})
+
+
+def test_quantization_config_reads_back_as_written():
+    experts = IntQuantConfig(bits=4, group_size=32, sym=False, act_order=True, static_groups=True, damp=0.05)
+    recipe = GPTQRecipe(experts=experts, attention=None, dense_mlp=IntQuantConfig(bits=8, group_size=-1, act_order=True))
+    raw = quantization_config(recipe)
+    assert (raw["desc_act"], raw["damp_percent"]) == (True, 0.05) and "act_order" not in raw
+    quant = Quantization.from_dict(raw)
+    assert quant.default == experts
+    assert quant.for_module("model.layers.0.block_sparse_moe.experts.3.w1") == experts
+    assert quant.for_module("model.layers.0.self_attn.q_proj") is None
+    assert quant.for_module("model.layers.0.mlp.up_proj") == replace(experts, bits=8, group_size=-1, sym=True)
 
 
 def test_artifact_reads_lazily_and_matches_the_packer(mixed_artifact, tiny_tp8):

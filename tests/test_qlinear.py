@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from grokquant.gptq.layout import gptq_tensors
-from grokquant.gptq.weights import PackedLinear
+from grokquant.gptq.layout import PackedLinear, gptq_tensors
 from grokquant.runtime.qlinear import (GPTQLinear, Int4Linear, Int8Linear, bnb_linear, gptq_linear, int4_from_ggml,
                                linear_bytes, module_bytes)
 from grokquant.quant.ggml.base import dequantize, quantize

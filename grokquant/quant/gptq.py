@@ -3,8 +3,8 @@
 Every function takes W [B, out, in] (B = the 8 experts of one projection, or 1) and, for GPTQ, the
 Hessians H [B, in, in] = Σxxᵀ of each matrix's own inputs. One batched Cholesky per projection;
 the column loop runs once for the whole batch. Quantization groups run along the input dimension;
-codes are unsigned q in [0, 2^bits - 1] with W ≈ scale · (q - zero), as in the GPTQ format
-(spec quant.md §11-12).
+codes are unsigned q in [0, 2^bits - 1] with W ≈ scale · (q - zero), the grid of the GPTQ paper's
+reference quantizer (Frantar et al. 2022, arXiv:2210.17323) and of auto-gptq's checkpoints.
 """
 
 from __future__ import annotations
@@ -13,9 +13,14 @@ from dataclasses import dataclass
 
 import torch
 
+from grokquant.gptq.layout import MIN_ZERO
+
 
 @dataclass(frozen=True)
 class IntQuantConfig:
+    """Integer weight-only settings of one linear: what a recipe asks the quantizer for and what an
+    artifact's quantization_config says (grokquant.gptq.config maps the fields to its JSON keys)."""
+
     bits: int = 4
     group_size: int = 128  # -1: one group per row
     sym: bool = True
@@ -70,11 +75,11 @@ def group_params(w: torch.Tensor, cfg: IntQuantConfig) -> tuple[torch.Tensor, to
     if cfg.sym:
         return scale, torch.full_like(scale, (cfg.maxq + 1) / 2)
     zero = torch.round(-xmin / scale)
-    # the v1 format stores zero − 1, so zero 0 would be stored as −1 (= 2^bits − 1) and read back as
-    # 2^bits by auto-gptq's kernels: keep zero ≥ 1 by stretching such groups' scale over maxq − 1 steps
-    low = zero < 1
-    scale = torch.where(low, xmax / (cfg.maxq - 1), scale)
-    return scale, torch.where(low, torch.ones_like(zero), zero)
+    # the checkpoint cannot store a zero below MIN_ZERO (grokquant.gptq.layout): groups whose zero
+    # rounds below it take MIN_ZERO and stretch their scale over the maxq − MIN_ZERO steps above it
+    low = zero < MIN_ZERO
+    scale = torch.where(low, xmax / (cfg.maxq - MIN_ZERO), scale)
+    return scale, torch.where(low, torch.full_like(zero, MIN_ZERO), zero)
 
 
 def quantize_codes(w, scale, zero, maxq: int) -> torch.Tensor:

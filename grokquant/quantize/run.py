@@ -271,7 +271,7 @@ def read_report(artifact: str | Path) -> list[dict]:
 
 def _finish_gptq(ckpt: Checkpoint, work: Path, parts: list[str], out: Path, recipe: GPTQRecipe,
                  report: list[dict]) -> None:
-    from grokquant.gptq.layout import write_metadata
+    from grokquant.gptq.writer import write_metadata
 
     save_file({n: ckpt.tensor(n) for n in ckpt.config.global_shapes()}, str(work / parts[-1]),
               metadata={"format": "pt"})

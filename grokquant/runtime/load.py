@@ -111,7 +111,7 @@ class Builder:
         w = self.source.weights
         if self.source.kind == "gptq" and w.is_quantized(name):
             spec = w.quantization.for_module(name[: -len(".weight")]) or w.quantization.default
-            fmt = dict(bits=spec.bits, group_size=spec.group_size, act_order=spec.desc_act)
+            fmt = dict(bits=spec.bits, group_size=spec.group_size, act_order=spec.act_order)
             if self.kernel == "dense":
                 return "dense", {}
             gs = spec.group_size if spec.group_size > 0 else K

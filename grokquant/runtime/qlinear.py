@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from grokquant.errors import GrokquantError
-from grokquant.gptq.weights import PackedLinear
+from grokquant.gptq.layout import PACKED_PARTS, PackedLinear
 
 INT4_KERNEL_GROUPS = (256, 128, 64, 32)
 KERNELS = ("auto", "dequant", "dense")  # auto: torch int4/int8 kernels where they apply, else dequant
@@ -159,10 +159,7 @@ class Int4Linear(nn.Module):
 
 def gptq_group_order(p: PackedLinear) -> tuple[int, torch.Tensor | None] | None:
     """(uniform group size, input permutation or None) that makes p's groups contiguous, else None."""
-    K = p.in_features
-    gs = p.group_size if p.group_size > 0 else K
-    g_idx = p.g_idx.long()
-    plain = torch.arange(K, device=g_idx.device) // gs
+    gs, g_idx, plain = p.columns_per_group, p.g_idx.long(), p.plain_g_idx()
     if torch.equal(g_idx, plain):
         return gs, None
     perm = torch.argsort(g_idx, stable=True)
@@ -223,7 +220,7 @@ class GPTQLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = p.in_features, p.out_features
         self.bits, self.group_size, self.sym = p.bits, p.group_size, p.sym
-        for name in ("qweight", "qzeros", "scales", "g_idx"):
+        for name in PACKED_PARTS:
             self.register_buffer(name, getattr(p, name))
 
     def packed(self) -> PackedLinear:

@@ -1,0 +1,79 @@
+"""`quantization_config`: IntQuantConfig as the JSON of a GPTQ artifact, written and read back.
+
+The keys are auto-gptq's (`BaseQuantizeConfig`: `desc_act` is our `act_order`, `damp_percent` our
+`damp`); `dynamic` holds GPTQModel's per-module overrides: `+:regex` (or a bare regex) sets
+bits/group_size/sym/desc_act, `-:regex` leaves the module unquantized.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, fields, replace
+
+from grokquant.errors import GrokquantError
+from grokquant.quant.gptq import IntQuantConfig
+
+# IntQuantConfig field -> JSON key, in the order the main settings are written
+JSON_KEYS = {"bits": "bits", "group_size": "group_size", "damp": "damp_percent", "act_order": "desc_act",
+             "static_groups": "static_groups", "sym": "sym"}
+OVERRIDE_FIELDS = ("bits", "group_size", "sym", "act_order")  # what a `dynamic` entry sets
+CLASS_MODULES = (("attention", r".*\.self_attn\..*"), ("dense_mlp", r".*\.mlp\..*"), ("experts", r".*\.experts\..*"))
+_TYPES = {f.name: type(f.default) for f in fields(IntQuantConfig)}
+
+
+def to_json(c: IntQuantConfig, names=tuple(JSON_KEYS)) -> dict:
+    return {JSON_KEYS[n]: getattr(c, n) for n in names}
+
+
+def from_json(raw: dict, base: IntQuantConfig = IntQuantConfig(), names=tuple(JSON_KEYS)) -> IntQuantConfig:
+    """`base` with the JSON's values for the fields `names` (those the JSON has)."""
+    return replace(base, **{n: _TYPES[n](raw[JSON_KEYS[n]]) for n in names if JSON_KEYS[n] in raw})
+
+
+def quantization_config(recipe) -> dict:
+    """A GPTQ recipe's quantization_config: the experts' settings (else the first class quantized) as
+    the main ones, the classes that differ as `dynamic` overrides."""
+    main = recipe.experts or recipe.dense_mlp or recipe.attention or IntQuantConfig()
+    dynamic = {}
+    for cls, modules in CLASS_MODULES:
+        c = recipe.config_for(cls)
+        if c is None:
+            dynamic["-:" + modules] = {}
+        elif c != main:
+            dynamic["+:" + modules] = to_json(c, OVERRIDE_FIELDS)
+    quant = {**to_json(main), "true_sequential": False, "quant_method": "gptq", "checkpoint_format": "gptq",
+             "model_file_base_name": "model",
+             "meta": {"quantizer": "grokquant", "recipe": recipe.name, "method": recipe.method}}
+    if dynamic:
+        quant["dynamic"] = dynamic
+    return quant
+
+
+@dataclass
+class Quantization:
+    """`quantization_config` of an artifact: main settings and GPTQModel-style per-module overrides."""
+
+    default: IntQuantConfig
+    dynamic: dict[str, dict] = field(default_factory=dict)  # "+:regex" / "-:regex" -> overrides
+    raw: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "Quantization":
+        method = raw.get("quant_method", "gptq")
+        if method != "gptq":
+            raise GrokquantError(f"quantization_config: quant_method {method!r}, expected 'gptq'")
+        if raw.get("checkpoint_format", "gptq") != "gptq":
+            raise GrokquantError(f"quantization_config: checkpoint_format {raw['checkpoint_format']!r} "
+                                 "(only the v1 'gptq' format is read)")
+        return cls(from_json(raw), dict(raw.get("dynamic") or {}), raw)
+
+    def for_module(self, module: str) -> IntQuantConfig | None:
+        """The settings of linear `module` (e.g. "model.layers.0.mlp.up_proj"); None if left unquantized."""
+        for key, overrides in self.dynamic.items():
+            sign, pattern = (key[0], key[2:]) if key[:2] in ("+:", "-:") else ("+", key)
+            if not re.match(pattern, module):
+                continue
+            if sign == "-":
+                return None
+            return from_json(overrides, self.default, OVERRIDE_FIELDS)
+        return self.default
