@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import signal
 import sys
 import time
@@ -101,16 +100,6 @@ def synth(out, preset, layout, seed, train_text, steps, force, **overrides):
     click.echo(f"wrote {out} ({layout}, trained on {train_text})")
 
 
-def parse_size(text: str | None) -> int | None:
-    """'2G', '500M', '64K' or a byte count -> bytes (powers of 1000, as llama-gguf-split)."""
-    if text is None:
-        return None
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMGT]?)B?", text.strip().upper())
-    if not m:
-        raise GrokquantError(f"cannot parse size {text!r} (e.g. 500M, 2G)")
-    return int(float(m[1]) * 1000 ** " KMGT".index(m[2] or " "))
-
-
 @main.command()
 @click.argument("checkpoint", type=click.Path(file_okay=False))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output .gguf path.")
@@ -130,6 +119,7 @@ def convert(checkpoint, output, ftype, recipe, rope, imatrix, split_max_size, na
     from grokquant.gguf.convert import convert as run_convert, plan, planned_summary
     from grokquant.calibrate.imatrix import load_imatrix
     from grokquant.quantize.recipe import GGUFRecipe, load_recipe
+    from grokquant.runtime.sizes import parse_split_size
 
     if bool(ftype) == bool(recipe):
         raise GrokquantError("give exactly one of --type and --recipe")
@@ -154,7 +144,7 @@ def convert(checkpoint, output, ftype, recipe, rope, imatrix, split_max_size, na
         bar.update(nbytes)
 
     try:
-        paths = run_convert(checkpoint, output, rec, rope=rope, split_max_bytes=parse_size(split_max_size),
+        paths = run_convert(checkpoint, output, rec, rope=rope, split_max_bytes=parse_split_size(split_max_size),
                             imatrix=imat, force=force, name=name, progress=progress)
     finally:
         if bar is not None:
@@ -192,6 +182,7 @@ def calibrate(checkpoint, output, data, n_tokens, seq_len, seed, chat, imatrix_o
     from grokquant.calibrate.statistics import calibrate as run_calibrate, coverage_problems, render_coverage
     from grokquant.grok.checkpoint import Checkpoint
     from grokquant.grok.tokenizer import load_tokenizer
+    from grokquant.runtime.load import resolve_device
 
     with Checkpoint.open(checkpoint) as ckpt:
         tokens = calibration_tokens(load_tokenizer(ckpt.tokenizer_path), data, n_tokens, seq_len, seed, chat)
@@ -243,6 +234,7 @@ def quantize(checkpoint, output, recipe, data, n_tokens, seq_len, seed, chat, de
     if isinstance(rec, GGUFRecipe) and not rec.calibrated:
         raise GrokquantError(f"recipe {rec.name} is not calibrated (method reference): use `grokquant convert`")
     from grokquant.quantize.distributed import init_from_env
+    from grokquant.runtime.load import resolve_device
 
     group, device = init_from_env(resolve_device(device))  # torchrun: one rank of many
     with Checkpoint.open(checkpoint) as ckpt:
@@ -262,18 +254,6 @@ def quantize(checkpoint, output, recipe, data, n_tokens, seq_len, seed, chat, de
         click.echo(f"{row['class']:<12}{row['bits']:>7}{change:>21}{row['min_tokens']:>15}")
     click.echo(f"wrote {out}: {size / 1e9:.3f} GB ({rec.method}, recipe {rec.name}, {tokens.numel()} calibration "
                f"tokens, {device})")
-
-
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise GrokquantError(f"--device {device}: no CUDA device is available")
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
-        raise GrokquantError(f"--device {device}: expected cpu, cuda, cuda:N or auto")
-    return device
 
 
 @main.command()
@@ -316,10 +296,14 @@ def run(artifact, prompt, max_new_tokens, chat, engine, semantics, temperature, 
 @click.option("--reserve", default="1GiB", show_default=True, help="Kept free on each GPU (CUDA context, activations).")
 def plan(checkpoint, recipe, gpu_memory, n_gpus, ram, context, reserve):
     """Sizes per tensor class, KV cache and placement over GPUs and RAM (real Grok 2 unless CHECKPOINT)."""
-    from grokquant.runtime.load import open_source, parse_memory
+    from grokquant.runtime.load import open_source
     from grokquant.runtime.plan import plan as make, render
+    from grokquant.runtime.sizes import parse_memory
 
-    cfg = open_source(checkpoint).config if checkpoint else None
+    cfg = None
+    if checkpoint:
+        with open_source(checkpoint) as source:
+            cfg = source.config
     report = make(recipe, parse_memory(gpu_memory), n_gpus, parse_memory(ram), context, parse_memory(reserve), cfg)
     click.echo(render(report))
     if report.problem:

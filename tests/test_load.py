@@ -10,6 +10,7 @@ from grokquant.cli import main
 from grokquant.errors import GrokquantError
 from grokquant.gguf.convert import convert
 from grokquant.runtime.generate import pick_token, sample_iter
+from grokquant.runtime.load import open_source
 from grokquant.gguf.weights import GGUFWeights
 from grokquant.gptq.weights import GPTQWeights
 from grokquant.grok.model import Grok2ForCausalLM
@@ -60,6 +61,32 @@ def test_per_class_settings_pick_their_kernels(mixed_artifact):
     x = tokens(reference.cfg.vocab_size)
     expected = reference(x)
     torch.testing.assert_close(model(x), expected, rtol=0, atol=1e-5 * expected.abs().max().item())
+
+
+def test_open_source_recognises_every_artifact_and_refuses_the_rest(tiny_tp8, int4_artifact, tmp_path):
+    text = "The quick brown fox"
+    with open_source(tiny_tp8) as ckpt, open_source(int4_artifact) as gptq:
+        assert (ckpt.kind, ckpt.semantics, gptq.kind) == ("checkpoint", "sglang", "gptq")
+        expected = ckpt.tokenizer().encode(text)
+        assert gptq.tokenizer().encode(text) == expected
+        assert gptq.size_bytes() == sum(f.stat().st_size for f in int4_artifact.glob("*.safetensors"))
+    shards = convert(tiny_tp8, tmp_path / "split.gguf", GGUFRecipe("q8_0", "q8_0"), split_max_bytes=1_000_000)
+    assert len(shards) > 2
+    with open_source(shards[0]) as gguf:  # the first shard stands for the set
+        assert (gguf.kind, gguf.semantics, gguf.files()) == ("gguf", "llama.cpp", shards)
+        assert gguf.size_bytes() == sum(p.stat().st_size for p in shards)
+        assert gguf.tokenizer().encode(text) == expected
+    (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / "empty").mkdir()
+    for path, message in ((shards[1], "shard 2 of a split GGUF; open the first, split-00001-of-"),
+                          (tmp_path / "missing", "no such file"), (tmp_path / "notes.txt", "expected a .gguf"),
+                          (tmp_path / "empty", "no \\*.safetensors")):
+        with pytest.raises(GrokquantError, match=message) as info:
+            open_source(path)
+        assert "\n" not in str(info.value)
+    shards[-1].unlink()
+    with pytest.raises(GrokquantError, match="cannot open"):
+        open_source(shards[0])
 
 
 def test_gguf_keeps_4bit_tensors_quantized(tiny_tp8, tmp_path):

@@ -5,8 +5,8 @@ import torch
 
 import grokquant
 from grokquant.errors import GrokquantError
-from grokquant.runtime.placement import (DoesNotFit, ExpertCache, LayerBytes, ModelBytes, OffloadedMoE, Placement,
-                                 plan_placement)
+from grokquant.runtime.offload import ExpertCache, OffloadedMoE
+from grokquant.runtime.placement import DoesNotFit, LayerBytes, ModelBytes, Placement, plan_placement
 from test_gptq_weights import make_artifact, one_thread  # noqa: F401 (autouse fixture)
 
 MB = 10**6

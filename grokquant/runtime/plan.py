@@ -19,7 +19,7 @@ from grokquant.grok.config import GrokConfig, parse_expert_name
 from grokquant.errors import GrokquantError
 from grokquant.runtime.placement import GiB, DoesNotFit, LayerBytes, ModelBytes, Placement, plan_placement
 from grokquant.quantize.recipe import GGUFRecipe, GPTQRecipe, load_recipe
-from grokquant.runtime.sizes import _gptq_bytes, tensor_class
+from grokquant.runtime.sizes import gptq_bytes, tensor_class
 
 CLASSES = ("attention", "dense_mlp", "experts", "router", "norms", "embedding", "lm_head")
 GGUF_CLASS = {"attn_q": "attention", "attn_k": "attention", "attn_v": "attention", "attn_output": "attention",
@@ -68,7 +68,7 @@ def class_sizes(cfg: GrokConfig, recipe) -> dict[str, ClassSize]:
         qc = recipe.config_for(cls) if cls in ("attention", "dense_mlp", "experts") else None
         s = out[cls]
         s.params += math.prod(shape)
-        s.nbytes += _gptq_bytes(shape, qc.bits, qc.group_size if qc.group_size > 0 else shape[1]) \
+        s.nbytes += gptq_bytes(shape, qc.bits, qc.group_size if qc.group_size > 0 else shape[1]) \
             if qc is not None else 2 * math.prod(shape)
     return out
 
@@ -115,7 +115,7 @@ def runtime_bytes(cfg: GrokConfig, recipe, kv_bytes: int = 2) -> ModelBytes:
                       top_k=cfg.num_experts_per_tok)
 
 
-def _layer_regex(layers: list[int]) -> str:
+def layer_regex(layers: list[int]) -> str:
     """A regex alternation matching exactly these layer numbers, by decades: (3[1-9]|[4-5][0-9]|6[0-3])."""
     decades: dict[int, list[int]] = {}
     for i in layers:
@@ -153,7 +153,7 @@ def llama_cpp_flags(placement: Placement, n_layers: int, context: int) -> list[s
     for part, names in (("experts", "ffn_(gate|up|down)_exps"), ("dense_mlp", "ffn_(gate|up|down)")):
         layers = placement.offloaded_layers(part)
         if layers:
-            which = r"\d+" if len(layers) == len(gpu_layers) == n_layers else _layer_regex(layers)
+            which = r"\d+" if len(layers) == len(gpu_layers) == n_layers else layer_regex(layers)
             flags.append(f'-ot "blk\\.{which}\\.{names}\\.weight=CPU"')
     return flags
 
