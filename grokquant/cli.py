@@ -336,7 +336,8 @@ def eval_(artifacts, data, ctx, stride, chunks, baseline, save_baseline, top_k, 
           as_json, plot_path):
     """Perplexity of checkpoints, GPTQ directories and GGUF files; KL divergence, top-1 agreement
     and Δp against a baseline (the statistics of llama-perplexity --kl-divergence)."""
-    from grokquant.evaluate.evaluate import plot, render, require_matplotlib, run_eval, to_json
+    from grokquant.evaluate.report import plot, render, require_matplotlib, to_json
+    from grokquant.evaluate.run import run_eval
 
     if plot_path:
         require_matplotlib()  # before the evaluation, not after it
