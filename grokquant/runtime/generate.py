@@ -69,7 +69,9 @@ def device_placement(device: str, gpu_memory: str | None, cpu_memory: str | None
 
 def sample_iter(model, prompt: list[int], max_new_tokens: int, stop_ids: tuple[int, ...] = (),
                 temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> Iterator[int]:
-    """Tokens one at a time with a KV cache: greedy at temperature 0, else temperature / nucleus sampling."""
+    """Tokens one at a time with a KV cache: greedy at temperature 0, else temperature / nucleus sampling.
+
+    The one decoding loop of grokquant: `run`, the tests and the examples all decode through it."""
     import torch
 
     from grokquant.grok.model import KVCache
