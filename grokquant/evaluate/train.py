@@ -272,9 +272,3 @@ def train(out: str | Path, text: str | Path = "builtin", tc: TrainConfig | None 
     tmp.write_text(json.dumps(asdict(result), indent=1) + "\n")
     tmp.rename(record)
     return result
-
-
-def load_record(checkpoint: str | Path) -> dict | None:
-    """The training record written next to a trained checkpoint, if any."""
-    path = Path(checkpoint) / RECORD_FILE
-    return json.loads(path.read_text()) if path.exists() else None
