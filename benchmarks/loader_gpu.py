@@ -21,7 +21,8 @@ import torch
 
 from grokquant.gptq.layout import PackedLinear, gptq_tensors
 from grokquant.grok.model import Grok2ForCausalLM, KVCache
-from grokquant.runtime.placement import Placement, apply_placement
+from grokquant.runtime.offload import apply_placement
+from grokquant.runtime.placement import Placement
 from grokquant.runtime.qlinear import dense_linear, gptq_linear, module_bytes
 from grokquant.quant.gptq import IntQuantConfig, rtn
 from grokquant.grok.synth import synth_config

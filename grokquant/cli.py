@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import signal
 import sys
 import time
@@ -101,16 +100,6 @@ def synth(out, preset, layout, seed, train_text, steps, force, **overrides):
     click.echo(f"wrote {out} ({layout}, trained on {train_text})")
 
 
-def parse_size(text: str | None) -> int | None:
-    """'2G', '500M', '64K' or a byte count -> bytes (powers of 1000, as llama-gguf-split)."""
-    if text is None:
-        return None
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMGT]?)B?", text.strip().upper())
-    if not m:
-        raise GrokquantError(f"cannot parse size {text!r} (e.g. 500M, 2G)")
-    return int(float(m[1]) * 1000 ** " KMGT".index(m[2] or " "))
-
-
 @main.command()
 @click.argument("checkpoint", type=click.Path(file_okay=False))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output .gguf path.")
@@ -127,39 +116,39 @@ def convert(checkpoint, output, ftype, recipe, rope, imatrix, split_max_size, na
     """Convert the original checkpoint to GGUF, streaming one tensor at a time."""
     from tqdm import tqdm
 
-    from grokquant.gguf.convert import convert as run_convert, plan, planned_summary
+    from grokquant.gguf.convert import convert as run_convert, planned_summary
     from grokquant.calibrate.imatrix import load_imatrix
     from grokquant.quantize.recipe import GGUFRecipe, load_recipe
+    from grokquant.runtime.sizes import parse_split_size
 
     if bool(ftype) == bool(recipe):
         raise GrokquantError("give exactly one of --type and --recipe")
     rec = load_recipe(recipe) if recipe else GGUFRecipe(name=ftype.lower(), ftype=ftype.lower())
-    if not isinstance(rec, GGUFRecipe) or rec.calibrated:
-        raise GrokquantError(f"recipe {rec.name} needs calibration data: use `grokquant quantize`")
+    split_max_bytes = parse_split_size(split_max_size)
     imat = load_imatrix(imatrix) if imatrix else None
-    from grokquant.grok.checkpoint import Checkpoint
-
-    with Checkpoint.open(checkpoint) as ckpt:
-        tensors = plan(ckpt.config, rec, has_imatrix=imat is not None)
-    n_params = sum(math.prod(t.shape) for t in tensors)
-    total = sum(t.nbytes for t in tensors)
     start = time.perf_counter()
-    bar = None  # created once writing starts, so refusals print no empty bar
+    tensors = []
+    bar = None  # created once the plan is checked, so refusals print no empty bar
+
+    def planned(plan):
+        nonlocal bar
+        tensors.extend(plan)
+        bar = tqdm(total=sum(t.nbytes for t in plan), unit="B", unit_scale=True, desc=f"convert {rec.name}",
+                   file=sys.stderr)
 
     def progress(t, nbytes):
-        nonlocal bar
-        if bar is None:
-            bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"convert {rec.name}", file=sys.stderr)
         bar.set_postfix_str(f"{t.name} {t.type.name}", refresh=False)
         bar.update(nbytes)
 
     try:
-        paths = run_convert(checkpoint, output, rec, rope=rope, split_max_bytes=parse_size(split_max_size),
-                            imatrix=imat, force=force, name=name, progress=progress)
+        paths = run_convert(checkpoint, output, rec, rope=rope, split_max_bytes=split_max_bytes, imatrix=imat,
+                            force=force, name=name, progress=progress, on_plan=planned)
     finally:
         if bar is not None:
             bar.close()
     seconds = time.perf_counter() - start
+    n_params = sum(math.prod(t.shape) for t in tensors)
+    total = sum(t.nbytes for t in tensors)
     click.echo(f"wrote {', '.join(str(p) for p in paths)}: {len(tensors)} tensors, {total / 1e9:.3f} GB, "
                f"{8 * total / n_params:.3f} bits/weight, {seconds:.1f} s")
     for type_name, nbytes in sorted(planned_summary(tensors).items(), key=lambda kv: -kv[1]):
@@ -190,12 +179,11 @@ def calibrate(checkpoint, output, data, n_tokens, seq_len, seed, chat, imatrix_o
 
     from grokquant.data.documents import calibration_tokens
     from grokquant.calibrate.statistics import calibrate as run_calibrate, coverage_problems, render_coverage
-    from grokquant.grok.checkpoint import Checkpoint
-    from grokquant.grok.tokenizer import load_tokenizer
+    from grokquant.runtime.load import open_source, resolve_device
 
-    with Checkpoint.open(checkpoint) as ckpt:
-        tokens = calibration_tokens(load_tokenizer(ckpt.tokenizer_path), data, n_tokens, seq_len, seed, chat)
-        n_layers = ckpt.config.num_hidden_layers
+    with open_source(checkpoint) as source:  # for its tokenizer, and the layer count the progress bar shows
+        tokens = calibration_tokens(source.tokenizer(), data, n_tokens, seq_len, seed, chat)
+        n_layers = source.config.num_hidden_layers
     with tqdm(total=n_layers, unit="layer", desc="calibrate", file=sys.stderr) as bar:
         per_layer = run_calibrate(checkpoint, output, tokens, imatrix_out=imatrix_out, hessians=hessians,
                                   batch_size=batch_size, device=resolve_device(device), force=force,
@@ -234,46 +222,28 @@ def quantize(checkpoint, output, recipe, data, n_tokens, seq_len, seed, chat, de
     from tqdm import tqdm
 
     from grokquant.data.documents import calibration_tokens
-    from grokquant.grok.checkpoint import Checkpoint
-    from grokquant.quantize.run import quantize as run_quantize, read_report
-    from grokquant.quantize.recipe import GGUFRecipe, load_recipe
-    from grokquant.grok.tokenizer import load_tokenizer
+    from grokquant.quantize.distributed import init_from_env
+    from grokquant.quantize.recipe import load_recipe
+    from grokquant.quantize.run import check_recipe, quantize as run_quantize, read_report, render_report
+    from grokquant.runtime.load import open_source, resolve_device
 
     rec = load_recipe(recipe)
-    if isinstance(rec, GGUFRecipe) and not rec.calibrated:
-        raise GrokquantError(f"recipe {rec.name} is not calibrated (method reference): use `grokquant convert`")
-    from grokquant.quantize.distributed import init_from_env
-
+    check_recipe(rec)  # before torchrun starts and the calibration text is tokenized
     group, device = init_from_env(resolve_device(device))  # torchrun: one rank of many
-    with Checkpoint.open(checkpoint) as ckpt:
-        tokens = calibration_tokens(load_tokenizer(ckpt.tokenizer_path), data, n_tokens, seq_len, seed, chat)
-        n_layers = ckpt.config.num_hidden_layers
+    with open_source(checkpoint) as source:  # for its tokenizer, and the layer count the progress bar shows
+        tokens = calibration_tokens(source.tokenizer(), data, n_tokens, seq_len, seed, chat)
+        n_layers = source.config.num_hidden_layers
     desc = f"quantize {rec.name}" + (f" ({group.world} ranks)" if group.world > 1 else "")
     with tqdm(total=n_layers, unit="layer", desc=desc, file=sys.stderr, disable=not group.is_main) as bar:
         out = run_quantize(checkpoint, output, rec, tokens, force=force, batch_size=batch_size, device=device,
                            rope=rope, expert_batch=expert_batch, on_layer=lambda l: bar.update(1))
     if not group.is_main:
         return
-    files = list(out.glob("*.safetensors")) if out.is_dir() else [out]
-    size = sum(f.stat().st_size for f in files)
-    click.echo(f"{'class':<12}{'bits':>7}{'calib. error vs RTN':>21}{'fewest tokens':>15}")
-    for row in read_report(out):
-        change = "—" if row["reduction_vs_rtn"] is None else f"{-100 * row['reduction_vs_rtn']:.1f}%"
-        click.echo(f"{row['class']:<12}{row['bits']:>7}{change:>21}{row['min_tokens']:>15}")
+    with open_source(out) as written:
+        size = written.size_bytes()
+    click.echo(render_report(read_report(out)))
     click.echo(f"wrote {out}: {size / 1e9:.3f} GB ({rec.method}, recipe {rec.name}, {tokens.numel()} calibration "
                f"tokens, {device})")
-
-
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise GrokquantError(f"--device {device}: no CUDA device is available")
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
-        raise GrokquantError(f"--device {device}: expected cpu, cuda, cuda:N or auto")
-    return device
 
 
 @main.command()
@@ -316,10 +286,14 @@ def run(artifact, prompt, max_new_tokens, chat, engine, semantics, temperature, 
 @click.option("--reserve", default="1GiB", show_default=True, help="Kept free on each GPU (CUDA context, activations).")
 def plan(checkpoint, recipe, gpu_memory, n_gpus, ram, context, reserve):
     """Sizes per tensor class, KV cache and placement over GPUs and RAM (real Grok 2 unless CHECKPOINT)."""
-    from grokquant.runtime.load import open_source, parse_memory
+    from grokquant.runtime.load import open_source
     from grokquant.runtime.plan import plan as make, render
+    from grokquant.runtime.sizes import parse_memory
 
-    cfg = open_source(checkpoint).config if checkpoint else None
+    cfg = None
+    if checkpoint:
+        with open_source(checkpoint) as source:
+            cfg = source.config
     report = make(recipe, parse_memory(gpu_memory), n_gpus, parse_memory(ram), context, parse_memory(reserve), cfg)
     click.echo(render(report))
     if report.problem:
@@ -352,7 +326,8 @@ def eval_(artifacts, data, ctx, stride, chunks, baseline, save_baseline, top_k, 
           as_json, plot_path):
     """Perplexity of checkpoints, GPTQ directories and GGUF files; KL divergence, top-1 agreement
     and Δp against a baseline (the statistics of llama-perplexity --kl-divergence)."""
-    from grokquant.evaluate.evaluate import plot, render, require_matplotlib, run_eval, to_json
+    from grokquant.evaluate.report import plot, render, require_matplotlib, to_json
+    from grokquant.evaluate.run import run_eval
 
     if plot_path:
         require_matplotlib()  # before the evaluation, not after it

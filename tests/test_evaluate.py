@@ -10,9 +10,10 @@ from click.testing import CliRunner
 from grokquant.grok.checkpoint import Checkpoint
 from grokquant.data.corpus import split_documents
 from grokquant.cli import main
-from grokquant.evaluate.evaluate import (DEFAULT_TOP_K, Baseline, BaselineLogits, Windows, document_tokens,
-                                evaluate, evaluation_tokens, make_windows, mean_and_se, open_artifact, percentile,
-                                run_eval, score_pass, scored_logits)
+from grokquant.evaluate.engines import open_artifact, scored_logits
+from grokquant.evaluate.metrics import DEFAULT_TOP_K, Baseline, BaselineLogits, mean_and_se, percentile, score_pass
+from grokquant.evaluate.run import evaluate, run_eval
+from grokquant.evaluate.windows import Windows, document_tokens, evaluation_tokens, make_windows
 from grokquant.gguf.convert import convert
 from grokquant.quantize.run import quantize
 from grokquant.quantize.recipe import GGUFRecipe, load_recipe

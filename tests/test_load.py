@@ -10,6 +10,7 @@ from grokquant.cli import main
 from grokquant.errors import GrokquantError
 from grokquant.gguf.convert import convert
 from grokquant.runtime.generate import pick_token, sample_iter
+from grokquant.runtime.load import open_source
 from grokquant.gguf.weights import GGUFWeights
 from grokquant.gptq.weights import GPTQWeights
 from grokquant.grok.model import Grok2ForCausalLM
@@ -62,6 +63,32 @@ def test_per_class_settings_pick_their_kernels(mixed_artifact):
     torch.testing.assert_close(model(x), expected, rtol=0, atol=1e-5 * expected.abs().max().item())
 
 
+def test_open_source_recognises_every_artifact_and_refuses_the_rest(tiny_tp8, int4_artifact, tmp_path):
+    text = "The quick brown fox"
+    with open_source(tiny_tp8) as ckpt, open_source(int4_artifact) as gptq:
+        assert (ckpt.kind, ckpt.semantics, gptq.kind) == ("checkpoint", "sglang", "gptq")
+        expected = ckpt.tokenizer().encode(text)
+        assert gptq.tokenizer().encode(text) == expected
+        assert gptq.size_bytes() == sum(f.stat().st_size for f in int4_artifact.glob("*.safetensors"))
+    shards = convert(tiny_tp8, tmp_path / "split.gguf", GGUFRecipe("q8_0", "q8_0"), split_max_bytes=1_000_000)
+    assert len(shards) > 2
+    with open_source(shards[0]) as gguf:  # the first shard stands for the set
+        assert (gguf.kind, gguf.semantics, gguf.files()) == ("gguf", "llama.cpp", shards)
+        assert gguf.size_bytes() == sum(p.stat().st_size for p in shards)
+        assert gguf.tokenizer().encode(text) == expected
+    (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / "empty").mkdir()
+    for path, message in ((shards[1], "shard 2 of a split GGUF; open the first, split-00001-of-"),
+                          (tmp_path / "missing", "no such file"), (tmp_path / "notes.txt", "expected a .gguf"),
+                          (tmp_path / "empty", "no \\*.safetensors")):
+        with pytest.raises(GrokquantError, match=message) as info:
+            open_source(path)
+        assert "\n" not in str(info.value)
+    shards[-1].unlink()
+    with pytest.raises(GrokquantError, match="cannot open"):
+        open_source(shards[0])
+
+
 def test_gguf_keeps_4bit_tensors_quantized(tiny_tp8, tmp_path):
     path = convert(tiny_tp8, tmp_path / "m.gguf", GGUFRecipe("q4_k_m", "q4_k_m"))[0]
     w = GGUFWeights(path)
@@ -106,7 +133,10 @@ def test_sampling(int4_artifact):
     model = grokquant.load(int4_artifact)
     prompt = [5, 17, 42, 99]
     greedy = list(sample_iter(model, prompt, 6))
-    assert greedy == model.generate(prompt, 6)
+    seq = list(prompt)
+    for token in greedy:  # temperature 0 is greedy: each token is the argmax after the ones before
+        assert int(model(torch.tensor([seq]))[0, -1].argmax()) == token
+        seq.append(token)
     assert list(sample_iter(model, prompt, 6, top_p=1e-6, temperature=1.0)) == greedy  # the nucleus is the argmax
     a = list(sample_iter(model, prompt, 12, temperature=1.5, seed=7))
     assert a == list(sample_iter(model, prompt, 12, temperature=1.5, seed=7)) and a != greedy

@@ -6,8 +6,9 @@ import torch
 
 from grokquant.grok.checkpoint import Checkpoint
 from grokquant.grok.config import GrokConfig
-from grokquant.grok.model import PRESETS, Grok2ForCausalLM, KVCache, Semantics, gelu, rope_cos_sin, yarn_corr_dims
+from grokquant.grok.model import PRESETS, Grok2ForCausalLM, KVCache, gelu, rope_cos_sin, yarn_corr_dims
 from grokquant.grok.streaming import streamed_logits
+from grokquant.runtime.generate import sample_iter
 
 
 @pytest.fixture(scope="module")
@@ -160,10 +161,10 @@ def test_rope_variants_for_real_config():
 
 def test_generate_is_greedy_and_stops(model):
     prompt = [10, 20, 30]
-    out = model.generate(prompt, 6)
+    out = list(sample_iter(model, prompt, 6))
     assert len(out) == 6
     seq = list(prompt)
     for tok in out:
         assert int(model(torch.tensor(seq))[0, -1].argmax()) == tok
         seq.append(tok)
-    assert model.generate(prompt, 6, stop_ids=(out[0],)) == []
+    assert list(sample_iter(model, prompt, 6, stop_ids=(out[0],))) == []

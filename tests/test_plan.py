@@ -8,7 +8,7 @@ from click.testing import CliRunner
 from grokquant.cli import main
 from grokquant.grok.config import GrokConfig
 from grokquant.runtime.placement import GiB
-from grokquant.runtime.plan import _layer_regex, plan, render
+from grokquant.runtime.plan import layer_regex, plan, render
 from grokquant.runtime.sizes import format_bytes
 
 
@@ -74,7 +74,7 @@ def test_cli_for_a_checkpoint(tiny_tp8):
     assert "2 layers" in res.output and "llama.cpp: -c 64" in res.output
 
 
-def test_layer_regex():
+def testlayer_regex():
     for layers in ([31, 32, 33, 34, 35, 36, 37, 38, 39] + list(range(40, 64)), list(range(12)), [5], [1, 3, 12]):
-        pattern = _layer_regex(layers)
+        pattern = layer_regex(layers)
         assert [i for i in range(100) if re.fullmatch(pattern, str(i))] == layers

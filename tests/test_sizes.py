@@ -1,6 +1,9 @@
+import pytest
+
+from grokquant.errors import GrokquantError
 from grokquant.grok.config import GrokConfig
 from grokquant.grok.names import gguf_tensors
-from grokquant.runtime.sizes import format_bytes, param_counts
+from grokquant.runtime.sizes import format_bytes, param_counts, parse_memory, parse_split_size
 from grokquant.quant.ggml.mixes import tensor_type
 
 
@@ -35,3 +38,19 @@ def test_q4_k_m_choices_for_eight_experts():
     assert pick("blk.0.ffn_gate_inp.weight", (8, 8192)) == "F32"
     assert pick("blk.9.ffn_gate_exps.weight", (8, 16384, 8192)) == "Q4_K"
     assert pick("blk.9.ffn_down.weight", (8192, 100)) == "F16"  # no block divides 100
+
+
+def test_one_rule_for_byte_sizes():
+    # KiB..TiB are powers of 1024 and KB..TB powers of 1000 everywhere; bare K..T follow the option's
+    # convention: memory as torch and accelerate (1024), split shards as llama-gguf-split (1000)
+    for text, memory, split in (("24GiB", 24 << 30, 24 << 30), ("192GB", 192 * 10**9, 192 * 10**9),
+                                ("24G", 24 << 30, 24 * 10**9), ("500m", 500 << 20, 500 * 10**6),
+                                (" 1.5 T ", int(1.5 * 2**40), int(1.5 * 10**12)), ("4096", 4096, 4096),
+                                ("64B", 64, 64)):
+        assert (parse_memory(text), parse_split_size(text)) == (memory, split), text
+    assert parse_memory(3 << 30) == 3 << 30 and parse_split_size(None) is None
+    for bad in ("lots", "2iB", "GB", "-1G", "2GiBs"):
+        with pytest.raises(GrokquantError, match="cannot parse memory size"):
+            parse_memory(bad)
+        with pytest.raises(GrokquantError, match="cannot parse size"):
+            parse_split_size(bad)

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from grokquant.grok.config import GrokConfig
 from grokquant.data.corpus import split_documents
 from grokquant.errors import GrokquantError
-from grokquant.evaluate.evaluate import document_tokens
+from grokquant.evaluate.windows import document_tokens
 from grokquant.grok.model import Grok2ForCausalLM, rope_cos_sin, softcap
 from grokquant.grok.synth import PRESETS, SPECIALS, TOKENIZER_TEXT_CHARS, slices_of, synth_config, write_checkpoint
 from grokquant.grok.tokenizer import tokenizer_from_dict, train_bpe
@@ -272,9 +272,3 @@ def train(out: str | Path, text: str | Path = "builtin", tc: TrainConfig | None 
     tmp.write_text(json.dumps(asdict(result), indent=1) + "\n")
     tmp.rename(record)
     return result
-
-
-def load_record(checkpoint: str | Path) -> dict | None:
-    """The training record written next to a trained checkpoint, if any."""
-    path = Path(checkpoint) / RECORD_FILE
-    return json.loads(path.read_text()) if path.exists() else None

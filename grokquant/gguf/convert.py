@@ -199,17 +199,19 @@ def convert(checkpoint: str | Path, out: str | Path, recipe: GGUFRecipe, rope: s
             force: bool = False, name: str | None = None,
             progress: Callable[[PlannedTensor, int], None] | None = None,
             prequantized: Callable[[PlannedTensor], np.ndarray | None] | None = None,
-            extra_metadata: dict[str, str] | None = None) -> list[Path]:
+            extra_metadata: dict[str, str] | None = None,
+            on_plan: Callable[[list[PlannedTensor]], None] | None = None) -> list[Path]:
     """Write `out` (or its split shards); returns the written paths.
 
+    `on_plan(tensors)` is called once with every planned tensor, before anything is written.
     `progress(tensor, nbytes)` is called with 0 when a tensor starts and its size when it is written.
     `prequantized(tensor)` may supply a tensor's bytes (calibrated quantization did the rounding);
     `extra_metadata` adds string keys to the header.
     """
     if rope not in ROPE_MODES:
         raise GrokquantError(f"unknown rope mode {rope!r} (plain or yarn)")
-    if recipe.calibrated and prequantized is None:
-        raise GrokquantError(f"recipe {recipe.name} ({recipe.method}) needs calibration: use `grokquant quantize`")
+    if not isinstance(recipe, GGUFRecipe) or (recipe.calibrated and prequantized is None):
+        raise GrokquantError(f"recipe {recipe.name} needs calibration data: use `grokquant quantize`")
     ckpt = Checkpoint.open(checkpoint)
     cfg = ckpt.config
     tok = load_tokenizer(ckpt.tokenizer_path)
@@ -221,6 +223,8 @@ def convert(checkpoint: str | Path, out: str | Path, recipe: GGUFRecipe, rope: s
     for p in paths:
         if p.exists() and not force:
             raise GrokquantError(f"{p} exists (use --force to overwrite)")
+    if on_plan:
+        on_plan(tensors)
     tmps = [p.with_name(f".{p.name}.tmp-{os.getpid()}") for p in paths]
     try:
         for i, (shard, tmp) in enumerate(zip(shards, tmps)):

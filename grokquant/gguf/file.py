@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from grokquant.errors import GrokquantError
-from grokquant.quant.ggml.types import BY_ID, TYPES, GGMLType
+from grokquant.quant.ggml.types import BY_ID, GGMLType
 
 MAGIC = b"GGUF"
 VERSION = 3
@@ -248,7 +248,3 @@ def read_gguf(path: str | Path) -> GGUFFile:
         alignment = int(metadata.get("general.alignment", ALIGNMENT))
         data_start = _align(f.tell(), alignment)
     return GGUFFile(path, version, metadata, tensors, data_start, alignment)
-
-
-def type_by_name(name: str) -> GGMLType:
-    return TYPES[name.upper()]

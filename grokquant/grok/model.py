@@ -16,14 +16,14 @@ import ctypes.util
 import functools
 import math
 from dataclasses import dataclass, replace
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from grokquant.grok.config import GrokConfig, expert_name, parse_expert_name
+from grokquant.grok.config import GrokConfig, parse_expert_name
 from grokquant.io.memory import release_freed_memory
 
 
@@ -413,26 +413,3 @@ class Grok2ForCausalLM(nn.Module):
             cache.length += tokens.shape[1]
         return self.head(h)
 
-    @torch.no_grad()
-    def generate(self, prompt: list[int], max_new_tokens: int, stop_ids: tuple[int, ...] = (),
-                 on_token: Callable[[int], None] | None = None) -> list[int]:
-        """Greedy decoding with a KV cache; returns the new tokens (stop token excluded)."""
-        out = []
-        for token in self.generate_iter(prompt, max_new_tokens, stop_ids):
-            out.append(token)
-            if on_token:
-                on_token(token)
-        return out
-
-    @torch.no_grad()
-    def generate_iter(self, prompt: list[int], max_new_tokens: int, stop_ids: tuple[int, ...] = ()) -> Iterator[int]:
-        """The tokens of greedy decoding, one at a time as they are produced."""
-        cache = KVCache(self.cfg.num_hidden_layers)
-        device = self.model.embed_tokens.weight.device
-        logits = self(torch.tensor([prompt], device=device), cache)
-        for _ in range(max_new_tokens):
-            token = int(logits[0, -1].argmax())
-            if token in stop_ids:
-                return
-            yield token
-            logits = self(torch.tensor([[token]], device=device), cache)

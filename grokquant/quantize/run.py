@@ -102,6 +102,12 @@ def _exchange(group: distributed.Group, results: Iterable[LayerResult], everywhe
     return merged
 
 
+def check_recipe(recipe: Recipe) -> None:
+    """Refuse a recipe that `quantize` does not run (callers may check before preparing calibration data)."""
+    if isinstance(recipe, GGUFRecipe) and not recipe.calibrated:
+        raise GrokquantError(f"recipe {recipe.name} is not calibrated (method reference): use `grokquant convert`")
+
+
 @torch.no_grad()
 def quantize(checkpoint: str | Path, out: str | Path, recipe: Recipe, tokens: torch.Tensor, force: bool = False,
              batch_size: int = 8, device: str = "cpu", rope: str = "plain", expert_batch: int | None = None,
@@ -115,8 +121,7 @@ def quantize(checkpoint: str | Path, out: str | Path, recipe: Recipe, tokens: to
     out = Path(out)
     if out.exists() and not force:
         raise GrokquantError(f"{out} exists (use --force to overwrite)")
-    if isinstance(recipe, GGUFRecipe) and not recipe.calibrated:
-        raise GrokquantError(f"recipe {recipe.name} is not calibrated (method reference): use `grokquant convert`")
+    check_recipe(recipe)
     ckpt = Checkpoint.open(checkpoint)
     cfg = ckpt.config
     expert_batch = expert_batch or cfg.num_local_experts
@@ -267,6 +272,15 @@ def read_report(artifact: str | Path) -> list[dict]:
         return json.loads(f.metadata[REPORT_KEY])
     finally:
         f.close()
+
+
+def render_report(report: list[dict]) -> str:
+    """The per-class report as a table: bits, calibration error against round-to-nearest, fewest tokens."""
+    lines = [f"{'class':<12}{'bits':>7}{'calib. error vs RTN':>21}{'fewest tokens':>15}"]
+    for row in report:
+        change = "—" if row["reduction_vs_rtn"] is None else f"{-100 * row['reduction_vs_rtn']:.1f}%"
+        lines.append(f"{row['class']:<12}{row['bits']:>7}{change:>21}{row['min_tokens']:>15}")
+    return "\n".join(lines)
 
 
 def _finish_gptq(ckpt: Checkpoint, work: Path, parts: list[str], out: Path, recipe: GPTQRecipe,

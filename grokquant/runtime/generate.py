@@ -32,26 +32,17 @@ def generate(path: str | Path, prompt: str, max_new_tokens: int = 32, chat: bool
              semantics: str | None = None, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
              device: str = "cpu", gpu_memory: str | None = None, cpu_memory: str | None = None) -> Iterator[str]:
     """Yield the generated text piece by piece (greedy at temperature 0, else sampled)."""
-    path = Path(path)
-    text = format_chat([{"role": "user", "content": prompt}]) if chat else prompt
-    if engine == "llama.cpp":
-        if path.suffix != ".gguf":
-            raise GrokquantError("the llama.cpp engine runs GGUF files; convert the checkpoint first")
-        yield from _llamacpp(path, text, max_new_tokens, temperature, top_p, seed)
-        return
     from grokquant.runtime.load import load, open_source
 
+    text = format_chat([{"role": "user", "content": prompt}]) if chat else prompt
     source = open_source(path)
-    if source.kind == "gguf":
-        from grokquant.gguf.vocab import tokenizer_from_gguf
-
-        tok = tokenizer_from_gguf(source.weights.metadata)
-    else:
-        from grokquant.grok.tokenizer import load_tokenizer
-
-        if source.tokenizer_path is None:
-            raise GrokquantError(f"{path}: no tokenizer.tok.json")
-        tok = load_tokenizer(source.tokenizer_path)
+    if engine == "llama.cpp":
+        source.close()  # llama.cpp reads the file itself
+        if source.kind != "gguf":
+            raise GrokquantError("the llama.cpp engine runs GGUF files; convert the checkpoint first")
+        yield from _llamacpp(source.path, text, max_new_tokens, temperature, top_p, seed)
+        return
+    tok = source.tokenizer()
     device_map, max_memory = device_placement(device, gpu_memory, cpu_memory)
     model = load(source, device_map=device_map, max_memory=max_memory, semantics=semantics)
     stops = tuple(i for i in (tok.eos_id, tok.separator_id) if i is not None)
@@ -63,15 +54,13 @@ def device_placement(device: str, gpu_memory: str | None, cpu_memory: str | None
     """(device_map, max_memory) for `run`'s --device / --gpu-memory / --cpu-memory."""
     import torch
 
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise GrokquantError(f"--device {device}: no CUDA device is available")
+    from grokquant.runtime.load import available_memory, resolve_device
+    from grokquant.runtime.sizes import parse_memory
+
+    device = resolve_device(device)
     if device == "cpu" or (gpu_memory is None and cpu_memory is None):
         return device, None
     gpus = [device] if ":" in device else [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    from grokquant.runtime.load import available_memory, parse_memory
-
     free = available_memory()
     memory = {g: parse_memory(gpu_memory) if gpu_memory else free[g] for g in gpus}
     memory["cpu"] = parse_memory(cpu_memory) if cpu_memory else free["cpu"]
@@ -80,7 +69,9 @@ def device_placement(device: str, gpu_memory: str | None, cpu_memory: str | None
 
 def sample_iter(model, prompt: list[int], max_new_tokens: int, stop_ids: tuple[int, ...] = (),
                 temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> Iterator[int]:
-    """Tokens one at a time with a KV cache: greedy at temperature 0, else temperature / nucleus sampling."""
+    """Tokens one at a time with a KV cache: greedy at temperature 0, else temperature / nucleus sampling.
+
+    The one decoding loop of grokquant: `run`, the tests and the examples all decode through it."""
     import torch
 
     from grokquant.grok.model import KVCache

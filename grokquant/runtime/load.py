@@ -4,6 +4,8 @@ Sources: a GPTQ artifact directory (`grokquant quantize`), a GGUF file, or the o
 (optionally quantized on the fly by bitsandbytes, nf4 or int8). Each linear becomes the module that
 computes it best where it runs (see `qlinear`); the model is built one tensor at a time directly on
 the device that will hold it, so loading never needs more memory than the placement itself.
+`open_source` is the one place that tells these artifacts apart and finds their tokenizer; `eval`
+and `run` open artifacts through it too.
 
     model = grokquant.load("grok2-gptq", device_map="auto", max_memory={"cuda:0": "24GiB", "cpu": "192GiB"})
     logits = model(tokens)
@@ -22,10 +24,12 @@ from torch import nn
 from grokquant.grok.config import GrokConfig, parse_expert_name
 from grokquant.errors import GrokquantError
 from grokquant.grok.model import Grok2ForCausalLM
-from grokquant.runtime.placement import GiB, LayerBytes, ModelBytes, Placement, apply_placement, plan_placement
+from grokquant.runtime.offload import apply_placement
+from grokquant.runtime.placement import GiB, LayerBytes, ModelBytes, Placement, plan_placement
 from grokquant.runtime.qlinear import (BNB_KINDS, GGML_INT4_TYPES, KERNELS, bnb_linear, dense_linear, gptq_linear, int4_from_ggml,
                       int4_kernel_available, int4_shape_ok, int8_kernel_available, linear_bytes)
 from grokquant.grok.names import tensor_class
+from grokquant.runtime.sizes import parse_memory
 
 LINEAR_CLASSES = ("attention", "dense_mlp", "experts", "lm_head")  # tensor classes held by linears
 PART_OF_CLASS = {"dense_mlp": "dense_mlp", "experts": "experts"}  # placement parts; the rest stays with the layer
@@ -33,21 +37,54 @@ PART_OF_CLASS = {"dense_mlp": "dense_mlp", "experts": "experts"}  # placement pa
 
 @dataclass
 class Source:
+    """An opened artifact: its weights, what kind it is, and where its tokenizer comes from."""
+    path: Path  # the directory, or the GGUF file (the first of a split set)
     weights: object  # .config and .tensor(release_name)
     kind: str  # gptq, gguf or checkpoint
-    semantics: str
-    tokenizer_path: Path | None
+    semantics: str  # the forward pass it was made for
+    tokenizer_path: Path | None  # None for GGUF: the vocabulary is in the file's metadata
 
     @property
     def config(self) -> GrokConfig:
         return self.weights.config
 
+    def files(self) -> list[Path]:
+        """The files holding the weights (every shard of a split GGUF)."""
+        if self.kind == "gguf":
+            return [f.path for f in self.weights.files]
+        return sorted(self.path.glob("*.safetensors"))
+
+    def size_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.files())
+
+    def tokenizer(self):
+        """From the GGUF file's metadata, else from tokenizer.tok.json beside the weights."""
+        if self.kind == "gguf":
+            from grokquant.gguf.vocab import tokenizer_from_gguf
+
+            return tokenizer_from_gguf(self.weights.metadata)
+        if self.tokenizer_path is None:
+            raise GrokquantError(f"{self.path}: no tokenizer.tok.json")
+        from grokquant.grok.tokenizer import load_tokenizer
+
+        return load_tokenizer(self.tokenizer_path)
+
     def close(self) -> None:
         self.weights.close()
 
+    def __enter__(self) -> "Source":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+SPLIT_SHARD = re.compile(r"(.+)-(\d{5})-of-(\d{5})\.gguf")  # llama-gguf-split's names
+
 
 def open_source(path: str | Path) -> Source:
-    """A GPTQ directory, a GGUF file or an original checkpoint directory."""
+    """The artifact at `path`: a GPTQ directory, a GGUF file (the first shard of a split set) or an
+    original checkpoint directory; anything else is refused with a one-line GrokquantError."""
     from grokquant.gptq.weights import GPTQWeights, is_gptq_dir
 
     path = Path(path)
@@ -56,17 +93,21 @@ def open_source(path: str | Path) -> Source:
     if path.is_file():
         if path.suffix != ".gguf":
             raise GrokquantError(f"{path}: expected a .gguf file or a directory")
+        shard = SPLIT_SHARD.fullmatch(path.name)
+        if shard and int(shard[2]) != 1:  # only the first shard has the metadata and the shard count
+            raise GrokquantError(f"{path}: shard {int(shard[2])} of a split GGUF; "
+                                 f"open the first, {shard[1]}-00001-of-{shard[3]}.gguf")
         from grokquant.gguf.weights import GGUFWeights
 
         w = GGUFWeights(path)
-        return Source(w, "gguf", w.semantics, None)
+        return Source(path, w, "gguf", w.semantics, None)
     if is_gptq_dir(path):
         w = GPTQWeights(path)
-        return Source(w, "gptq", "sglang", w.tokenizer_path)
+        return Source(path, w, "gptq", "sglang", w.tokenizer_path)
     from grokquant.grok.checkpoint import Checkpoint
 
     ckpt = Checkpoint.open(path)
-    return Source(ckpt, "checkpoint", "sglang", ckpt.tokenizer_path)
+    return Source(path, ckpt, "checkpoint", "sglang", ckpt.tokenizer_path)
 
 
 def is_linear(name: str, shape: tuple[int, ...]) -> bool:
@@ -172,20 +213,6 @@ def model_bytes(builder: Builder, device_type: str, kv_dtype_bytes: int | None =
                       layers=layers, kv_bytes_per_token=kv, top_k=cfg.num_experts_per_tok)
 
 
-_UNITS = {"": 1, "B": 1, "K": 1 << 10, "KIB": 1 << 10, "KB": 10**3, "M": 1 << 20, "MIB": 1 << 20, "MB": 10**6,
-          "G": GiB, "GIB": GiB, "GB": 10**9, "T": 1 << 40, "TIB": 1 << 40, "TB": 10**12}
-
-
-def parse_memory(value) -> int:
-    """Bytes from an int or a string: '24GiB' / '24G' (2^30), '24GB' (10^9), '512MiB'."""
-    if isinstance(value, (int, float)):
-        return int(value)
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(value))
-    if not m or m[2].upper() not in _UNITS:
-        raise GrokquantError(f"cannot parse memory size {value!r} (e.g. 24GiB, 192GB, 512MiB)")
-    return int(float(m[1]) * _UNITS[m[2].upper()])
-
-
 def available_memory() -> dict[str, int]:
     """Free memory of every visible GPU and of the host."""
     import psutil
@@ -195,6 +222,17 @@ def available_memory() -> dict[str, int]:
         out[f"cuda:{i}"] = torch.cuda.mem_get_info(i)[0]
     out["cpu"] = psutil.virtual_memory().available
     return out
+
+
+def resolve_device(device: str) -> str:
+    """--device: cpu, cuda, cuda:N, or auto (the first GPU if any, else the CPU)."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise GrokquantError(f"--device {device}: no CUDA device is available")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise GrokquantError(f"--device {device}: expected cpu, cuda, cuda:N or auto")
+    return device
 
 
 def resolve_placement(device_map, max_memory, sizes_for, n_layers: int, context: int,

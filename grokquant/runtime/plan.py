@@ -104,7 +104,7 @@ def runtime_bytes(cfg: GrokConfig, recipe, kv_bytes: int = 2) -> ModelBytes:
                       top_k=cfg.num_experts_per_tok)
 
 
-def _layer_regex(layers: list[int]) -> str:
+def layer_regex(layers: list[int]) -> str:
     """A regex alternation matching exactly these layer numbers, by decades: (3[1-9]|[4-5][0-9]|6[0-3])."""
     decades: dict[int, list[int]] = {}
     for i in layers:
@@ -142,7 +142,7 @@ def llama_cpp_flags(placement: Placement, n_layers: int, context: int) -> list[s
     for part, names in (("experts", "ffn_(gate|up|down)_exps"), ("dense_mlp", "ffn_(gate|up|down)")):
         layers = placement.offloaded_layers(part)
         if layers:
-            which = r"\d+" if len(layers) == len(gpu_layers) == n_layers else _layer_regex(layers)
+            which = r"\d+" if len(layers) == len(gpu_layers) == n_layers else layer_regex(layers)
             flags.append(f'-ot "blk\\.{which}\\.{names}\\.weight=CPU"')
     return flags
 

@@ -1,9 +1,12 @@
-"""Parameter counts and artifact sizes, from tensor shapes alone (no weights are read)."""
+"""Parameter counts and artifact sizes, from tensor shapes alone (no weights are read); byte sizes
+written by people ("24GiB", "50G")."""
 
 from __future__ import annotations
 
 import math
+import re
 
+from grokquant.errors import GrokquantError
 from grokquant.grok.config import GrokConfig
 from grokquant.grok.names import CLASSES, tensor_class
 
@@ -58,3 +61,41 @@ def gguf_bytes(cfg: GrokConfig, ftype: str, has_imatrix: bool = False) -> int:
     from grokquant.quantize.recipe import GGUFRecipe
 
     return sum(t.nbytes for t in plan(cfg, GGUFRecipe(ftype, ftype), has_imatrix))
+
+
+# ---- sizes written by people -----------------------------------------------------------------------
+
+UNIT_POWERS = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}
+
+
+def parse_bytes(value: int | float | str, bare_base: int) -> int | None:
+    """Bytes from a count or a string, None when it is neither.
+
+    The rule: KiB/MiB/GiB/TiB are powers of 1024, KB/MB/GB/TB powers of 1000, and a bare K/M/G/T
+    (or none) a power of `bare_base`; a trailing B alone is bytes. Case does not matter.
+    """
+    if isinstance(value, (int, float)):
+        return int(value)
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(I?B)?\s*", str(value).upper())
+    if not m or (m[3] == "IB" and not m[2]):
+        return None
+    base = {None: bare_base, "B": 1000, "IB": 1024}[m[3]] if m[2] else 1
+    return int(float(m[1]) * base ** UNIT_POWERS[m[2]])
+
+
+def parse_memory(value: int | float | str) -> int:
+    """Memory sizes (max_memory, --gpu-memory, --ram): a bare 24G is 24GiB, as in torch and accelerate."""
+    n = parse_bytes(value, 1024)
+    if n is None:
+        raise GrokquantError(f"cannot parse memory size {value!r} (e.g. 24GiB, 192GB, 512MiB)")
+    return n
+
+
+def parse_split_size(text: str | None) -> int | None:
+    """--split-max-size: a bare 50G is 50 * 1000^3 bytes, as llama-gguf-split reads it."""
+    if text is None:
+        return None
+    n = parse_bytes(text, 1000)
+    if n is None:
+        raise GrokquantError(f"cannot parse size {text!r} (e.g. 500M, 2G)")
+    return n
