@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from grokquant.quant.ggml.reference import ggml_quantize, ggml_validate
+from grokquant.quant.ggml import common as C
 from grokquant.quant.ggml import iquants as iq
-from grokquant.quant.ggml.base import QUANTIZERS, dequantize, quantize
+from grokquant.quant.ggml.base import QUANTIZERS, Scratch, dequantize, quantize
 
 TYPES = ["IQ4_NL", "IQ4_XS", "Q2_K", "Q3_K"]
 
@@ -122,8 +123,8 @@ def test_q2k_imatrix_negative_sub_scale():
     x = -np.abs(np.random.default_rng(52).standard_normal((64, 256)).astype(np.float32))
     im = imatrix(256, seed=52)
     X, Q = torch.from_numpy(x), torch.from_numpy(np.tile(im, (64, 1)))
-    w = iq._imatrix_weights(X, Q, 16, iq._sumsq(X) / 256)
-    _, scales, _ = iq.make_qkx_quants(iq._elements(X, 16), w, 3, -0.9, 0.05, 36, False, True)
+    w = C.imatrix_weights(X, Q, 16, C.sum_squares(X) / 256)
+    _, scales, _ = C.make_qkx(C.elements(X, 16), w, 3, -0.9, 0.05, 36, Scratch(X.device))
     scales = scales.view(64, 16)
     assert bool((scales < -scales.max(1).values[:, None] / 30).any())  # some code below zero
     assert compare("Q2_K", x, im) == 1.0
@@ -184,7 +185,7 @@ def test_iq4_lookup_matches_c_formula():
 def test_nearest_int_is_ggml_trick():
     x = np.array([0.5, 1.5, 2.5, -0.5, -1.5, 3.49999, -7.5, 4194303.0, 1e9, -1e9, 123.5], np.float32)
     expect = ((x + np.float32(12582912.0)).view(np.int32) & 0x7FFFFF) - 0x400000
-    np.testing.assert_array_equal(iq.nearest_int(torch.from_numpy(x)).numpy(), expect)
+    np.testing.assert_array_equal(C.nearest_int(torch.from_numpy(x)).numpy(), expect)
     assert list(expect[:7]) == [0, 2, 2, 0, -2, 3, -8]
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from grokquant.quant.ggml.reference import ggml_quantize, ggml_validate
+from grokquant.quant.ggml import common as C
 from grokquant.quant.ggml import kquants as K
 
 TYPES = ["Q4_K", "Q5_K", "Q6_K"]
@@ -147,8 +148,8 @@ def test_chunks_and_threads(t, monkeypatch):
 @pytest.mark.parametrize("t", TYPES)
 def test_loop_sum_fallback(t, monkeypatch):
     """The plain-loop C-order sum (used where index_add_ does not keep order) gives the same bytes."""
-    assert K._index_add_in_order()
-    monkeypatch.setattr(K, "_index_add_in_order", lambda: False)
+    assert C._index_add_in_order()
+    monkeypatch.setattr(C, "_index_add_in_order", lambda: False)
     x = edge_rows(512, seed=13)
     assert (ours(t, x) == ggml_quantize(t, x)).all()
     im = imatrices(512, seed=13)[1]
@@ -190,13 +191,13 @@ def test_full_matrix_and_speed(t):
 
 def test_search_runs_as_torchscript():
     """The make_qkx search compiles (a silent eager fallback would be correct but much slower)."""
-    assert K._scripted(K._qkx_search) is not K._qkx_search
+    assert C._scripted(C._qkx_search) is not C._qkx_search
 
 
 @pytest.mark.parametrize("t", ["Q4_K", "Q5_K"])
 def test_eager_search_fallback(t, monkeypatch):
     """Without TorchScript the same search runs eagerly and gives the same bytes."""
-    monkeypatch.setattr(K, "_scripted", lambda fn: fn)
+    monkeypatch.setattr(C, "_scripted", lambda fn: fn)
     x = np.concatenate([edge_rows(512, seed=17), gaussian(8, 512, seed=18)])
     assert (ours(t, x) == ggml_quantize(t, x)).all()
     im = imatrices(512, seed=17)[0]

@@ -20,7 +20,7 @@ from grokquant.grok.config import GrokConfig
 from grokquant.errors import GrokquantError
 from grokquant.gguf.file import GGUFWriter, read_gguf
 from grokquant.grok.names import gguf_tensors, release_names
-from grokquant.quant.ggml.base import quantize
+from grokquant.quant.ggml.base import QUANTIZERS, quantize
 from grokquant.quant.ggml.types import TYPES, GGMLType
 from grokquant.quant.ggml.mixes import FTYPES, fallback, is_quantizable, tensor_type
 from grokquant.quantize.recipe import GGUFRecipe
@@ -29,10 +29,6 @@ from grokquant.gguf.vocab import CHAT_TEMPLATE, build_vocab
 
 ROPE_MODES = ("plain", "yarn")
 CHUNK_ELEMENTS = 1 << 24  # rows are quantized in chunks of about this many elements
-# byte ranges (offset, count) of the fp16 scales in each block type, checked for finiteness
-SCALE_FIELDS = {"Q4_0": (0, 1), "Q4_1": (0, 2), "Q5_0": (0, 1), "Q5_1": (0, 2), "Q8_0": (0, 1),
-                "Q2_K": (80, 2), "Q3_K": (108, 1), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208, 1),
-                "IQ4_NL": (0, 1), "IQ4_XS": (0, 1)}
 
 
 @dataclass
@@ -174,9 +170,9 @@ def validate(path: Path, expected: list[PlannedTensor]) -> None:
             step = max(1, CHUNK_ELEMENTS // t.shape[-1])  # a chunk at a time: no copy of a whole stacked tensor
             for first in range(0, rows, step):
                 raw = f.raw(t.name, first, min(step, rows - first))
-                if t.type.name in SCALE_FIELDS:
-                    off, count = SCALE_FIELDS[t.type.name]
-                    values, kind = raw.reshape(-1, t.type.block_bytes)[:, off:off + 2 * count].copy(), "F16"
+                scales = QUANTIZERS[t.type.name].fp16_scales  # a block type's fp16 scale bytes
+                if scales is not None:
+                    values, kind = raw.reshape(-1, t.type.block_bytes)[:, scales].copy(), "F16"
                 else:
                     values, kind = raw, t.type.name
                 if not _all_finite(values, kind):

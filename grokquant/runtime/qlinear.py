@@ -262,7 +262,7 @@ GGML_INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K")
 def ggml_int4_blocks(raw: torch.Tensor, type_name: str, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """GGUF rows uint8 [rows, row_bytes] -> (codes [rows, n], scale, offset [rows, n/32]), W = scale·q + offset."""
     from grokquant.quant.ggml.base import fp16_from_bytes
-    from grokquant.quant.ggml.kquants import unpack_scale_min
+    from grokquant.quant.ggml.kquants import Q4_K
 
     rows = raw.shape[0]
     if type_name in ("Q4_0", "Q4_1"):
@@ -274,7 +274,7 @@ def ggml_int4_blocks(raw: torch.Tensor, type_name: str, n: int) -> tuple[torch.T
         return codes.reshape(rows, n), d.reshape(rows, -1), offset.reshape(rows, -1)
     if type_name == "Q4_K":
         b = raw.reshape(rows * (n // 256), 144)
-        sc, m = unpack_scale_min(b[:, 4:16])  # [nb, 8] six-bit sub-block scales and mins
+        sc, m = Q4_K.unpack_scales(b[:, 4:16])  # [nb, 8] six-bit sub-block scales and mins
         d = fp16_from_bytes(b[:, 0:2]) * sc.float()
         offset = -fp16_from_bytes(b[:, 2:4]) * m.float()
         qs = b[:, 16:].reshape(-1, 4, 1, 32)  # 4 chunks of 64: sub-block 2c in low nibbles, 2c + 1 in high

@@ -2,12 +2,13 @@
 
 A quantizer turns float32 rows [rows, n] into the type's bytes [rows, row_bytes] (uint8) and back.
 The reference path (no importance weights) is bit-identical to ggml's `quantize_row_*_ref`; with
-`imatrix` (one weight per column, spec quant.md §7) it follows ggml's `quantize_*_impl` routines.
-Types register themselves in `QUANTIZERS` by GGML name.
+`imatrix` (one weight per column) it follows ggml's `quantize_*_impl` routines (ggml-quants.c).
+Types register themselves in `QUANTIZERS` by GGML name when their class is defined.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
@@ -20,9 +21,19 @@ QUANTIZERS: dict[str, "Quantizer"] = {}
 
 
 class Quantizer:
-    """Base class: subclasses set `name` and implement `quantize_blocks` / `dequantize_blocks`."""
+    """Base class: a type's class passes `name=` (which registers it), owns its block layout (`fp16_scales`,
+    the packing methods) and implements `quantize_chunk` (or `quantize_blocks`) and `dequantize_blocks`."""
 
     name: str = ""
+    fp16_scales: slice | None = None  # bytes of the block's fp16 scale fields (d, dmin), which must be finite
+    chunk: int = 1024  # blocks per call of quantize_chunk
+
+    def __init_subclass__(cls, name: str = "", **kwargs):
+        """`class Q4_K(Quantizer, name="Q4_K")` registers an instance under the GGML name (gguf-py's style)."""
+        super().__init_subclass__(**kwargs)
+        if name:
+            cls.name = name
+            QUANTIZERS[name] = cls()
 
     @property
     def type(self) -> GGMLType:
@@ -50,52 +61,78 @@ class Quantizer:
         return self.dequantize_blocks(blocks).view(rows, n)
 
     # per-type work, on [n_blocks, block] floats / [n_blocks, block_bytes] bytes
-    def quantize_blocks(self, x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
+    def quantize_blocks(self, x: torch.Tensor, qw: torch.Tensor | None = None) -> torch.Tensor:
+        return quantize_chunks(self.quantize_chunk, self.type.block_bytes, self.chunk, x, qw)
+
+    def quantize_chunk(self, out: torch.Tensor, x: torch.Tensor, qw: torch.Tensor | None, buf: "Scratch") -> None:
+        """Write the bytes of blocks x (weights qw or None) into out, using scratch tensors from buf."""
         raise NotImplementedError
 
     def dequantize_blocks(self, b: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
 
-def register(cls):
-    QUANTIZERS[cls.name] = cls()
-    return cls
-
-
 # ---- running over chunks of blocks ---------------------------------------------------------------
+
+class Scratch:
+    """Named scratch tensors reused from chunk to chunk: a fresh multi-MB tensor page-faults on first touch,
+    which costs more than the arithmetic done on it."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.bufs = device, {}
+
+    def __call__(self, name: str, *shape: int, dtype=torch.float32) -> torch.Tensor:
+        n = math.prod(shape)
+        b = self.bufs.get(name)
+        if b is None or b.numel() < n or b.dtype != dtype:
+            b = self.bufs[name] = torch.empty(n, dtype=dtype, device=self.device)
+        return b[:n].view(shape)
+
 
 _worker = threading.local()
 
 
-def for_each_chunk(fn: Callable[[int, int], None], total: int, chunk: int, device: torch.device) -> None:
-    """Call fn(start, stop) on consecutive ranges of `total` blocks.
+def quantize_chunks(fn: Callable[..., None], block_bytes: int, chunk: int, *args: torch.Tensor | None) -> torch.Tensor:
+    """uint8 [blocks, block_bytes] filled by fn(out[s:e], *(a[s:e] for a in args), scratch) over consecutive
+    ranges of `chunk` blocks (args[0] holds the blocks; None args stay None).
 
-    On CPU the ranges run on torch.get_num_threads() Python threads whose own torch ops are serial,
-    not on torch's intra-op threads: the searches issue thousands of mid-sized ops, an OpenMP team
-    meets at a barrier after each, and on a busy machine one descheduled member stalls every barrier
-    (measured up to 100x slower on 2 shared cores). Independent threads never wait for each other.
+    Each worker thread keeps one Scratch for all its ranges. On CPU the ranges run on torch.get_num_threads()
+    Python threads whose own torch ops are serial, not on torch's intra-op threads: the searches issue
+    thousands of mid-sized ops, an OpenMP team meets at a barrier after each, and on a busy machine one
+    descheduled member stalls every barrier (measured up to 100x slower on 2 shared cores). Independent
+    threads never wait for each other.
     """
-    ranges = [(s, min(s + chunk, total)) for s in range(0, total, chunk)]
-    n = torch.get_num_threads()
-    if device.type != "cpu" or n == 1 or len(ranges) < 2:
-        for start, stop in ranges:
-            fn(start, stop)
-        return
+    x = args[0]
+    out = torch.empty(x.shape[0], block_bytes, dtype=torch.uint8, device=x.device)
+    local = threading.local()
 
-    def run(r):
+    def run(start: int, stop: int) -> None:
+        if not hasattr(local, "buf"):
+            local.buf = Scratch(x.device)
+        fn(out[start:stop], *(None if a is None else a[start:stop] for a in args), local.buf)
+
+    ranges = [(s, min(s + chunk, x.shape[0])) for s in range(0, x.shape[0], chunk)]
+    n = torch.get_num_threads()
+    if x.device.type != "cpu" or n == 1 or len(ranges) < 2:
+        for start, stop in ranges:
+            run(start, stop)
+        return out
+
+    def serial_run(r):
         if not getattr(_worker, "serial", False):
             torch.set_num_threads(1)  # OpenMP's setting is per thread
             _worker.serial = True
-        fn(*r)
+        run(*r)
 
     try:
         with ThreadPoolExecutor(min(n, len(ranges))) as pool:
-            list(pool.map(run, ranges))
+            list(pool.map(serial_run, ranges))
     finally:
         torch.set_num_threads(n)  # the default new threads start from
+    return out
 
 
-# ---- shared bit-level helpers -------------------------------------------------------------------
+# ---- fp16 fields ---------------------------------------------------------------------------------
 
 def fp16_bytes(x: torch.Tensor) -> torch.Tensor:
     """float [..., k] -> little-endian fp16 bytes [..., 2k] (round to nearest even, as ggml)."""
@@ -113,10 +150,7 @@ def fp16_round(x: torch.Tensor) -> torch.Tensor:
 
 # ---- float types ------------------------------------------------------------------------------------
 
-@register
-class F32(Quantizer):
-    name = "F32"
-
+class F32(Quantizer, name="F32"):
     def quantize_blocks(self, x, qw):
         return x.contiguous().view(torch.uint8)
 
@@ -124,10 +158,7 @@ class F32(Quantizer):
         return b.contiguous().view(torch.float32)
 
 
-@register
-class F16(Quantizer):
-    name = "F16"
-
+class F16(Quantizer, name="F16"):
     def quantize_blocks(self, x, qw):
         return fp16_bytes(x)
 
@@ -135,10 +166,7 @@ class F16(Quantizer):
         return fp16_from_bytes(b)
 
 
-@register
-class BF16(Quantizer):
-    name = "BF16"
-
+class BF16(Quantizer, name="BF16"):
     def quantize_blocks(self, x, qw):
         return x.to(torch.bfloat16).contiguous().view(torch.uint8)
 
