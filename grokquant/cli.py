@@ -215,28 +215,54 @@ def calibrate(checkpoint, output, data, n_tokens, seq_len, seed, chat, imatrix_o
               "1 holds one expert at a time (real Grok 2 widths on a 24 GB machine).")
 @click.option("--rope", default="plain", show_default=True, type=click.Choice(["plain", "yarn"]),
               help="GGUF output only: RoPE keys written (see `convert`).")
+@click.option("--target-bpw", type=float, help="GGUF recipes: bits per weight over all weight matrices; each "
+              "tensor's type is chosen by its measured effect on the output instead of the ftype's mix.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
 def quantize(checkpoint, output, recipe, data, n_tokens, seq_len, seed, chat, device, batch_size, expert_batch,
-             rope, force):
+             rope, target_bpw, force):
     """Calibrated quantization (GPTQ directory or GGUF file); resumes after an interruption."""
     from tqdm import tqdm
 
     from grokquant.data.documents import calibration_tokens
     from grokquant.quantize.distributed import init_from_env
-    from grokquant.quantize.recipe import load_recipe
+    from grokquant.quantize.recipe import load_recipe, with_target_bpw
     from grokquant.quantize.run import check_recipe, quantize as run_quantize, read_report, render_report
     from grokquant.runtime.load import open_source, resolve_device
 
     rec = load_recipe(recipe)
+    if target_bpw is not None:
+        rec = with_target_bpw(rec, target_bpw)
     check_recipe(rec)  # before torchrun starts and the calibration text is tokenized
     group, device = init_from_env(resolve_device(device))  # torchrun: one rank of many
     with open_source(checkpoint) as source:  # for its tokenizer, and the layer count the progress bar shows
         tokens = calibration_tokens(source.tokenizer(), data, n_tokens, seq_len, seed, chat)
         n_layers = source.config.num_hidden_layers
     desc = f"quantize {rec.name}" + (f" ({group.world} ranks)" if group.world > 1 else "")
-    with tqdm(total=n_layers, unit="layer", desc=desc, file=sys.stderr, disable=not group.is_main) as bar:
+    bars = {}  # the sensitivity pass (--target-bpw) comes before the layers, each with its own bar
+
+    def bar(name, total, unit):
+        if name not in bars:
+            bars[name] = tqdm(total=total, unit=unit, desc=name, file=sys.stderr, disable=not group.is_main)
+        return bars[name]
+
+    def on_probe(done, total):
+        b = bar("sensitivity", total, "tensor")
+        b.update(done - b.n)
+        if done == total:
+            b.close()
+            bar(desc, n_layers, "layer")
+
+    def on_layer(layer):
+        bar(desc, n_layers, "layer").update(1)
+
+    if rec.target_bpw is None:
+        bar(desc, n_layers, "layer")
+    try:
         out = run_quantize(checkpoint, output, rec, tokens, force=force, batch_size=batch_size, device=device,
-                           rope=rope, expert_batch=expert_batch, on_layer=lambda l: bar.update(1))
+                           rope=rope, expert_batch=expert_batch, on_layer=on_layer, on_probe=on_probe)
+    finally:
+        for b in bars.values():
+            b.close()
     if not group.is_main:
         return
     with open_source(out) as written:

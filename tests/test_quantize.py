@@ -222,3 +222,60 @@ def test_experts_one_at_a_time(artifact, tiny_tp8, tokens, tmp_path):
     assert sum(same) / len(same) > 0.5  # most matrices identical; the rest differ in a few rounding decisions
     with pytest.raises(GrokquantError, match="expert batch"):
         quantize(tiny_tp8, tmp_path / "bad", GPTQRecipe(), tokens, expert_batch=9)
+
+
+# ---- --target-bpw: per-tensor types from the measured sensitivities --------------------------------------
+
+@pytest.fixture(scope="module")
+def gguf_target(tiny_tp8, tokens, tmp_path_factory):
+    from grokquant.quantize.recipe import load_recipe, with_target_bpw
+
+    recipe = with_target_bpw(load_recipe("q4_k_m-gptq"), 5.0)
+    return quantize(tiny_tp8, tmp_path_factory.mktemp("qt") / "tiny-target.gguf", recipe, tokens)
+
+
+def test_target_bpw_file_fits_and_says_what_it_chose(gguf_target):
+    from grokquant.gguf.file import read_gguf
+    from grokquant.quantize.run import ALLOCATION_KEY
+
+    f = read_gguf(gguf_target)
+    assert 4.85 < f.matrix_bpw() <= 5.0  # the budget is used, not exceeded
+    allocation = json.loads(f.metadata[ALLOCATION_KEY])
+    assert allocation["target_bpw"] == 5.0
+    chosen = {a["tensor"]: a["type"] for a in allocation["tensors"]}
+    assert {n: f.tensors[n].type.name for n in chosen} == chosen  # the file holds what the report says
+    assert len(set(chosen.values())) >= 3  # a mix fitted to the model, not one type
+    assert f.tensors["blk.0.ffn_gate_inp.weight"].type.name == "F32"
+
+
+def test_target_bpw_file_runs_in_llamacpp_with_our_logits(gguf_target, tmp_path):
+    from grokquant.gguf.weights import GGUFWeights
+    from test_export_gguf import TOKENS, llama_logits, logits_and_bound
+
+    ours, bound = logits_and_bound(GGUFWeights(gguf_target), TOKENS)
+    assert np.abs(ours - llama_logits(gguf_target, TOKENS, tmp_path)).max() < bound
+
+
+def test_target_bpw_resumes_with_the_same_allocation(gguf_target, tiny_tp8, tokens, tmp_path):
+    from grokquant.quantize.recipe import load_recipe, with_target_bpw
+
+    recipe = with_target_bpw(load_recipe("q4_k_m-gptq"), 5.0)
+    out = tmp_path / "resumed.gguf"
+    with pytest.raises(KeyboardInterrupt):
+        quantize(tiny_tp8, out, recipe, tokens, on_layer=lambda l: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert (tmp_path / ".resumed.gguf.partial" / "allocation.json").exists()
+    probes = []
+    quantize(tiny_tp8, out, recipe, tokens, on_probe=lambda done, total: probes.append(done))
+    assert probes == [] and out.read_bytes() == gguf_target.read_bytes()  # no second measurement
+
+
+def test_target_bpw_refuses_what_it_cannot_do(tiny_tp8, tokens, tmp_path):
+    from grokquant.quantize.recipe import load_recipe, with_target_bpw
+
+    with pytest.raises(GrokquantError, match="GGUF recipes"):
+        with_target_bpw(GPTQRecipe(), 4.0)
+    with pytest.raises(GrokquantError, match="calibrated method"):
+        with_target_bpw(load_recipe("q4_k_m"), 4.0)
+    with pytest.raises(GrokquantError, match="below the smallest"):
+        quantize(tiny_tp8, tmp_path / "x.gguf", with_target_bpw(load_recipe("q4_k_m-gptq"), 2.0), tokens)
+    assert not (tmp_path / "x.gguf").exists()

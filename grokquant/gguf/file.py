@@ -8,6 +8,7 @@ after each read.
 
 from __future__ import annotations
 
+import math
 import mmap
 import struct
 from dataclasses import dataclass, field
@@ -153,6 +154,11 @@ class GGUFFile:
     data_start: int
     alignment: int = ALIGNMENT
     _mm: mmap.mmap | None = field(default=None, repr=False)
+
+    def matrix_bpw(self) -> float:
+        """Bits per weight over the tensors with two or more dimensions (what --target-bpw budgets)."""
+        mats = [t for t in self.tensors.values() if len(t.shape) >= 2]
+        return 8 * sum(t.nbytes for t in mats) / sum(math.prod(t.shape) for t in mats)
 
     def raw(self, name: str, first_row: int = 0, n_rows: int | None = None) -> np.ndarray:
         """Bytes of rows [first_row, first_row + n_rows) of a tensor (a copy), [rows, row_bytes] uint8.

@@ -1,14 +1,24 @@
 """GPTQ onto GGML grids: error-compensating rounding whose result is an ordinary GGML tensor.
 
-GPTQ (quant/gptq.py) rounds one column at a time and spreads each column's error over the columns
-not yet rounded. A GGML block (32 or 256 consecutive columns of a row) shares its scales, so here
-the unit is one block-column: quantize columns [j, j+bs) of every row with the type's own quantizer
-(importance = diag H, as llama-quantize --imatrix would), then hand the block's error on to the
-columns after it (no compensation inside a block: its columns are rounded together, so 256-column
-K-quant blocks win less than 32-column ones). With U the upper Cholesky factor of H⁻¹ and E = W_B − Q_B the block's error, the
-joint optimal update of the remaining columns R is  W_R −= (E · U_BB⁻¹) · U_BR  — the column-wise
-GPTQ update with the block's columns frozen together. Updates are applied lazily per window of
-columns, as GPTQ does. Batched over a stack of matrices (the experts of a projection).
+GPTQ (quant/gptq.py, Frantar et al. 2022) rounds one column at a time and spreads each column's error
+over the columns not yet rounded, through the upper Cholesky factor U of H⁻¹ (H⁻¹ = UᵀU):
+err_c = (w_c − q_c) / U_cc,  W_{>c} −= err_c · U_{c,>c}.  A GGML block (32 or 256 consecutive columns of
+a row) shares its parameters (fp16 scales and mins, 4/6-bit sub-block scales), so when the sweep reaches
+a block:
+
+1. the type's own quantizer fits the block's parameters on the current, error-updated weights (with
+   importance diag H, as llama-quantize --imatrix would);
+2. `sweep="columns"` (default): the block's columns are rounded one by one onto that fixed grid
+   (Quantizer.grid: scale · levels[code] + offset, exactly as the dequantizer reads it), each column's
+   error spread over the block's later columns at once and over the columns after the block lazily;
+   `sweep="blocks"`: the quantizer's own codes are kept and the block's error is handed on as a whole,
+   W_R −= (E · U_BB⁻¹) · U_BR — no compensation inside a block;
+3. `refits` > 0: the parameters are fitted again, on the columns as the sweep left them (the targets it
+   actually rounded, after the in-block updates), and the block is swept again from the same start;
+   each row keeps the sweep with the lower error.
+
+Only codes and parameters the type stores change: the bytes are a standard GGML tensor. Batched over a
+stack of matrices (the experts of a projection).
 """
 
 from __future__ import annotations
@@ -17,18 +27,17 @@ from typing import NamedTuple
 
 import torch
 
-from grokquant.quant.ggml.base import QUANTIZERS
+from grokquant.quant.ggml.base import QUANTIZERS, Quantizer
 from grokquant.quant.gptq import upper_cholesky_of_inverse
 
 
-def _quantize_block_columns(q, W: torch.Tensor, importance: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Columns [B, out, bs] of one GGML block -> (bytes [B, out, block_bytes], dequantized [B, out, bs])."""
+def _fit_blocks(q: Quantizer, W: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
+    """Columns [B, out, bs] of one GGML block -> the type's bytes [B * out, block_bytes]."""
     B, rows, bs = W.shape
     qw = None
     if importance is not None:
         qw = importance[:, None, :].expand(B, rows, bs).reshape(B * rows, bs).contiguous()
-    data = q.quantize_blocks(W.reshape(B * rows, bs).contiguous(), qw)
-    return data.view(B, rows, -1), q.dequantize_blocks(data).view(B, rows, bs)
+    return q.quantize_blocks(W.reshape(B * rows, bs).contiguous(), qw)
 
 
 def ggml_rtn(W: torch.Tensor, type_name: str, importance: torch.Tensor | None = None) -> torch.Tensor:
@@ -42,6 +51,46 @@ def ggml_rtn(W: torch.Tensor, type_name: str, importance: torch.Tensor | None = 
     return data.view(B, rows, -1)
 
 
+class _Rounder:
+    """Nearest code of a type's levels for values already divided by their scale."""
+
+    def __init__(self, levels: torch.Tensor):
+        self.levels = levels
+        steps = levels[1:] - levels[:-1]
+        self.uniform = bool((steps == 1).all())
+        self.midpoints = (levels[1:] + levels[:-1]) / 2
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        if self.uniform:
+            return (t.round() - self.levels[0]).clamp_(0, len(self.levels) - 1).long()
+        return torch.bucketize(t, self.midpoints)
+
+
+def _sweep_block(q: Quantizer, rounder: _Rounder, data: torch.Tensor, W: torch.Tensor, U: torch.Tensor):
+    """Round the block's columns W [B, out, bs] one at a time onto the grid of `data`, compensating inside
+    the block; W is updated in place. Returns (bytes, GPTQ errors [B, out, bs])."""
+    B, rows, bs = W.shape
+    scale, offset = q.grid(data)
+    scale, offset = scale.view(B, rows, bs), None if offset is None else offset.view(B, rows, bs)
+    levels = rounder.levels
+    codes = torch.empty(B, rows, bs, dtype=torch.long)
+    err = torch.empty_like(W)
+    zero = scale == 0
+    for c in range(bs):
+        w = W[:, :, c]
+        t = w if offset is None else w - offset[:, :, c]
+        code = rounder(torch.where(zero[:, :, c], 0.0, t / scale[:, :, c]))
+        codes[:, :, c] = code
+        value = scale[:, :, c] * levels[code]
+        if offset is not None:
+            value += offset[:, :, c]
+        e = (w - value) / U[:, c, c, None]
+        err[:, :, c] = e
+        if c + 1 < bs:
+            W[:, :, c + 1:] -= e[:, :, None] * U[:, None, c, c + 1:]
+    return q.with_codes(data, codes.view(B * rows, bs)), err
+
+
 class GGMLQuantized(NamedTuple):
     data: torch.Tensor  # [B, out, row_bytes] GGML bytes of each matrix
     hessian_error: torch.Tensor  # [B] ‖(W − Ŵ)X‖² on the calibration Hessian
@@ -49,13 +98,16 @@ class GGMLQuantized(NamedTuple):
 
 @torch.no_grad()
 def gptq_ggml(W: torch.Tensor, H: torch.Tensor, type_name: str, damp: float = 0.01, window: int = 512,
-              overwrite_h: bool = False) -> GGMLQuantized:
+              overwrite_h: bool = False, sweep: str = "columns", refits: int = 0) -> GGMLQuantized:
     """W [B, out, in], H [B, in, in] -> GGML bytes; overwrite_h factorises H in its own storage."""
+    if sweep not in ("columns", "blocks"):
+        raise ValueError(f"sweep must be 'columns' or 'blocks', not {sweep!r}")
     q = QUANTIZERS[type_name]
     bs = q.type.block
     B, rows, cols = W.shape
     if cols % bs:
         raise ValueError(f"{type_name}: row length {cols} is not a multiple of {bs}")
+    rounder = _Rounder(q.levels) if sweep == "columns" else None
     W0 = W
     W = W.to(torch.float32, copy=True)
     H = H if overwrite_h and H.dtype == torch.float32 else H.float().clone()
@@ -80,10 +132,28 @@ def gptq_ggml(W: torch.Tensor, H: torch.Tensor, type_name: str, damp: float = 0.
         U1 = U[:, i1:i2, i1:i2]
         for j in range(0, i2 - i1, bs):
             k = j + bs
-            data, Q = _quantize_block_columns(q, W1[:, :, j:k], importance[:, i1 + j:i1 + k])
+            Ub = U1[:, j:k, j:k]
+            imp = importance[:, i1 + j:i1 + k]
+            data = _fit_blocks(q, W1[:, :, j:k], imp)
+            if rounder is None:
+                Q = q.dequantize_blocks(data).view(B, rows, bs)
+                err = torch.linalg.solve_triangular(Ub, W1[:, :, j:k] - Q, upper=True, left=False)
+            else:
+                target = W1[:, :, j:k].clone()
+                data, err = _sweep_block(q, rounder, data, W1[:, :, j:k], Ub)
+                for _ in range(refits):
+                    data2 = _fit_blocks(q, W1[:, :, j:k], imp)  # fitted to the compensated columns
+                    trial = target.clone()
+                    data2, err2 = _sweep_block(q, rounder, data2, trial, Ub)
+                    better = err2.pow(2).sum(-1) < err.pow(2).sum(-1)  # per row [B, out]
+                    if not better.any():
+                        break
+                    flat = better.view(-1)
+                    data[flat], err[better] = data2[flat], err2[better]
+                    W1[:, :, j:k][better] = trial[better]
+                Q = q.dequantize_blocks(data).view(B, rows, bs)
             first = (i1 + j) // bs * q.type.block_bytes
-            out[:, :, first:first + q.type.block_bytes] = data
-            err = torch.linalg.solve_triangular(U1[:, j:k, j:k], W1[:, :, j:k] - Q, upper=True, left=False)
+            out[:, :, first:first + q.type.block_bytes] = data.view(B, rows, -1)
             W1[:, :, k:] -= err @ U1[:, j:k, k:]
             Err1[:, :, j:k] = err
             d2 = (Q - W0[:, :, i1 + j:i1 + k].float()).pow(2).sum(1, dtype=torch.float64)  # [B, bs]

@@ -247,7 +247,7 @@ def quantize_ggml(item: Item, s: Stack, recipe: GGUFRecipe, type_name: str) -> L
     reference = ggml_rtn(W, type_name)
     rtn_error = hessian_error(W, dequant(reference), s.H)  # before GPTQ factorises an owned Hessian
     if recipe.method == "gptq" and not all(s.fallback):
-        data, error = gptq_ggml(W, s.H, type_name, recipe.damp, overwrite_h=s.owns_h)
+        data, error = gptq_ggml(W, s.H, type_name, recipe.damp, overwrite_h=s.owns_h, refits=recipe.refits)
         s.H = None
     else:
         data = ggml_rtn(W, type_name, s.importance)

@@ -17,7 +17,7 @@ actually receives, or GPTQ's error compensation on top of it).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import yaml
@@ -54,9 +54,14 @@ class GGUFRecipe:
     pure: bool = False  # every quantizable tensor gets the ftype's default type (llama-quantize --pure)
     method: str = "reference"  # reference | imatrix | gptq (the last two need `grokquant quantize`)
     damp: float = 0.01  # gptq: fraction of the mean Hessian diagonal added to the diagonal
+    refits: int = 0  # gptq: block parameters fitted again to the compensated columns, each row keeping the better
     min_tokens: int = 16  # calibrated methods: experts seeing fewer tokens are "under-covered"
     under_covered: str = "rtn"  # rtn (reference rounding) | all-tokens | prior, as for GPTQ recipes
     sequential: bool = False  # gptq/imatrix: layer l+1 calibrates on the quantized layer l's outputs
+    # calibrated methods: bits per weight over all matrices; each tensor's type is then chosen by its measured
+    # effect on the output (quantize/allocate.py) instead of the ftype's mix
+    target_bpw: float | None = None
+    tensor_types: dict[str, str] = field(default_factory=dict)  # GGUF name -> GGML type (the allocation)
     format: str = "gguf"
 
     @property
@@ -67,6 +72,8 @@ class GGUFRecipe:
         if self.method not in ("reference", "imatrix", "gptq"):
             raise GrokquantError(f"recipe {self.name}: method must be reference, imatrix or gptq, got {self.method!r}")
         _check_calibration(self)
+        if isinstance(self.refits, bool) or not isinstance(self.refits, int) or not 0 <= self.refits <= 8:
+            raise GrokquantError(f"recipe {self.name}: refits must be an integer from 0 to 8")
         if self.ftype not in FTYPES:
             raise GrokquantError(f"recipe {self.name}: unknown ftype {self.ftype!r} (one of {', '.join(FTYPES)})")
         for key, value in self.overrides.items():
@@ -75,9 +82,20 @@ class GGUFRecipe:
             if str(value).upper() not in TYPES:
                 raise GrokquantError(f"recipe {self.name}: unknown GGML type {value!r} for {key}")
         self.overrides = {k: str(v).upper() for k, v in self.overrides.items()}
+        if self.target_bpw is not None:
+            if isinstance(self.target_bpw, bool) or not isinstance(self.target_bpw, (int, float)) \
+                    or not 1.5 <= self.target_bpw <= 16:
+                raise GrokquantError(f"recipe {self.name}: target_bpw must be a number between 1.5 and 16")
+            if not self.calibrated:
+                raise GrokquantError(f"recipe {self.name}: target_bpw needs a calibrated method (imatrix or gptq)")
+        for key, value in self.tensor_types.items():
+            if str(value).upper() not in TYPES:
+                raise GrokquantError(f"recipe {self.name}: unknown GGML type {value!r} for {key}")
 
     def override_for(self, gguf_name: str) -> str | None:
         """The override type for a GGUF tensor name, or None."""
+        if gguf_name in self.tensor_types:
+            return self.tensor_types[gguf_name]
         base = gguf_name.split(".")[-2] if gguf_name.startswith("blk.") else gguf_name.split(".")[0]
         if base in self.overrides:
             return self.overrides[base]
@@ -138,6 +156,13 @@ def _int_config(path: Path, cls: str, raw) -> IntQuantConfig | None:
     return IntQuantConfig(**raw)
 
 
+def with_target_bpw(recipe: "GGUFRecipe | GPTQRecipe", target_bpw: float) -> GGUFRecipe:
+    """The recipe with its per-tensor types to be chosen for `target_bpw` bits per weight."""
+    if not isinstance(recipe, GGUFRecipe):
+        raise GrokquantError(f"recipe {recipe.name}: --target-bpw applies to GGUF recipes (per-tensor GGML types)")
+    return replace(recipe, target_bpw=target_bpw, tensor_types={})
+
+
 def load_recipe(spec: str | Path) -> "GGUFRecipe | GPTQRecipe":
     """A recipe from a YAML path, or by name from `recipes/` (e.g. "q4_k_m", "gptq-w4g128")."""
     path = Path(spec)
@@ -163,8 +188,8 @@ def load_recipe(spec: str | Path) -> "GGUFRecipe | GPTQRecipe":
                           under_covered=str(raw.get("under_covered", "rtn")))
     if fmt != "gguf":
         raise GrokquantError(f"{path}: unknown format {fmt!r} (gguf or gptq)")
-    unknown = set(raw) - {"name", "format", "ftype", "overrides", "pure", "method", "damp", "description"} \
-        - CALIBRATION_KEYS
+    unknown = set(raw) - {"name", "format", "ftype", "overrides", "pure", "method", "damp", "description",
+                          "target_bpw", "refits"} - CALIBRATION_KEYS
     if unknown:
         raise GrokquantError(f"{path}: unknown recipe key(s) {', '.join(sorted(unknown))}")
     if "ftype" not in raw:
@@ -173,4 +198,5 @@ def load_recipe(spec: str | Path) -> "GGUFRecipe | GPTQRecipe":
                       overrides=raw.get("overrides") or {}, pure=bool(raw.get("pure", False)),
                       method=str(raw.get("method", "reference")), damp=float(raw.get("damp", 0.01)),
                       min_tokens=int(raw.get("min_tokens", 16)), sequential=bool(raw.get("sequential", False)),
-                      under_covered=str(raw.get("under_covered", "rtn")))
+                      under_covered=str(raw.get("under_covered", "rtn")), target_bpw=raw.get("target_bpw"),
+                      refits=raw.get("refits", 0))

@@ -23,7 +23,7 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -37,14 +37,15 @@ from grokquant.calibrate.statistics import Collector, LayerStats
 from grokquant.grok.checkpoint import Checkpoint
 from grokquant.errors import GrokquantError
 from grokquant.grok.model import Grok2ForCausalLM
-from grokquant.grok.names import expert_groups
+from grokquant.grok.names import expert_groups, gguf_tensors
 from grokquant.grok.streaming import LayerStreamer
 from grokquant.quantize.items import (Item, LayerResult, Recipe, all_token_statistics, item_cost, join_ggml, layer_items,
                              quantize_items)
 from grokquant.quantize.recipe import GGUFRecipe, GPTQRecipe
 
-FORMAT_VERSION = 4  # part of the resume fingerprint: bump when the per-layer output changes
+FORMAT_VERSION = 5  # part of the resume fingerprint: bump when the per-layer output changes
 REPORT_KEY = "grokquant.quantize_report"  # GGUF header key holding the per-class report (JSON)
+ALLOCATION_KEY = "grokquant.allocation"  # GGUF header key: the --target-bpw choice per tensor (JSON)
 
 
 def fingerprint(ckpt: Checkpoint, recipe: Recipe, tokens: torch.Tensor, expert_batch: int) -> str:
@@ -102,6 +103,28 @@ def _exchange(group: distributed.Group, results: Iterable[LayerResult], everywhe
     return merged
 
 
+def _allocation(ckpt: Checkpoint, recipe: GGUFRecipe, tokens: torch.Tensor, work: Path, batch_size: int,
+                on_probe: Callable[[int, int], None] | None) -> list[dict]:
+    """The per-tensor types for recipe.target_bpw: measured once, kept in the work folder for a resumed run."""
+    from grokquant.quantize import allocate
+
+    path = work / "allocation.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    planned = _gguf_types(ckpt, recipe)
+    fixed = {g for g in planned if recipe.override_for(g) is not None}
+    free = allocate.allocatable(ckpt, fixed)
+    shapes = dict(gguf_tensors(ckpt.config))
+    progress = (lambda done: on_probe(done, len(free))) if on_probe else None
+    sens = allocate.measure(ckpt, tokens, fixed, batch_size, progress)
+    budget = allocate.budget_bytes(shapes, recipe.target_bpw, planned, {g for g, _ in free})
+    report = allocate.allocation_report(sens, allocate.allocate(sens, shapes, budget), shapes)
+    tmp = work / "allocation.tmp"
+    tmp.write_text(json.dumps(report))
+    os.replace(tmp, path)
+    return report
+
+
 def check_recipe(recipe: Recipe) -> None:
     """Refuse a recipe that `quantize` does not run (callers may check before preparing calibration data)."""
     if isinstance(recipe, GGUFRecipe) and not recipe.calibrated:
@@ -111,10 +134,13 @@ def check_recipe(recipe: Recipe) -> None:
 @torch.no_grad()
 def quantize(checkpoint: str | Path, out: str | Path, recipe: Recipe, tokens: torch.Tensor, force: bool = False,
              batch_size: int = 8, device: str = "cpu", rope: str = "plain", expert_batch: int | None = None,
-             on_layer: Callable[[int], None] | None = None) -> Path:
+             on_layer: Callable[[int], None] | None = None, on_probe: Callable[[int, int], None] | None = None
+             ) -> Path:
     """Write `out` (a GPTQ directory or a GGUF file) from calibration `tokens` [n_windows, seq_len].
 
     expert_batch: experts loaded and quantized together (default all; 1 bounds memory to one expert).
+    A GGUF recipe with target_bpw first measures every tensor's sensitivity (on_probe(done, total)) and
+    chooses the per-tensor types (quantize/allocate.py); the choice is kept for a resumed run.
     Under torch.distributed every rank calls this with the same arguments; rank 0 writes.
     """
     group = distributed.current()
@@ -128,7 +154,6 @@ def quantize(checkpoint: str | Path, out: str | Path, recipe: Recipe, tokens: to
     if not 1 <= expert_batch <= cfg.num_local_experts:
         raise GrokquantError(f"expert batch {expert_batch}: between 1 and {cfg.num_local_experts}")
     gguf = isinstance(recipe, GGUFRecipe)
-    types = _gguf_types(ckpt, recipe) if gguf else {}
     hessians = not gguf or recipe.method == "gptq"
     work = out.with_name(f".{out.name}.partial")
     state_file = work / "progress.json"
@@ -143,6 +168,13 @@ def quantize(checkpoint: str | Path, out: str | Path, recipe: Recipe, tokens: to
         if state["done"]:
             hidden = torch.load(work / "hidden.pt")
     state = group.broadcast(state)
+    allocation = None
+    if gguf and recipe.target_bpw is not None and not recipe.tensor_types:
+        if group.is_main:
+            allocation = _allocation(ckpt, recipe, tokens, work, batch_size, on_probe)
+        allocation = group.broadcast(allocation)
+        recipe = replace(recipe, tensor_types={a["tensor"]: a["type"] for a in allocation})
+    types = _gguf_types(ckpt, recipe) if gguf else {}
     n_layers = cfg.num_hidden_layers
     parts = [f"model-{i + 1:05d}-of-{n_layers + 1:05d}.safetensors" for i in range(n_layers + 1)]
     items = layer_items(cfg, expert_batch)
@@ -175,7 +207,7 @@ def quantize(checkpoint: str | Path, out: str | Path, recipe: Recipe, tokens: to
     if group.is_main:
         report = summarize(state["report"])
         if gguf:
-            _assemble_gguf(ckpt, checkpoint, work, parts[:n_layers], out, recipe, rope, report)
+            _assemble_gguf(ckpt, checkpoint, work, parts[:n_layers], out, recipe, rope, report, allocation)
         else:
             _finish_gptq(ckpt, work, parts, out, recipe, report)
     group.barrier()  # every rank returns once the output is in place
@@ -299,7 +331,7 @@ def _finish_gptq(ckpt: Checkpoint, work: Path, parts: list[str], out: Path, reci
 
 
 def _assemble_gguf(ckpt: Checkpoint, checkpoint, work: Path, parts: list[str], out: Path, recipe: GGUFRecipe,
-                   rope: str, report: list[dict]) -> None:
+                   rope: str, report: list[dict], allocation: list[dict] | None) -> None:
     """The GGUF file from the per-layer GGML bytes (globals and float tensors from the checkpoint)."""
     from grokquant.gguf.convert import convert
 
@@ -310,8 +342,10 @@ def _assemble_gguf(ckpt: Checkpoint, checkpoint, work: Path, parts: list[str], o
         return where[t.name].get_tensor(t.name).numpy() if t.name in where else None
 
     tmp_out = out.with_name(f".{out.name}.assemble")
-    convert(checkpoint, tmp_out, recipe, rope=rope, force=True, prequantized=prequantized,
-            extra_metadata={REPORT_KEY: json.dumps(report), "grokquant.recipe": recipe.name})
+    extra = {REPORT_KEY: json.dumps(report), "grokquant.recipe": recipe.name}
+    if allocation is not None:
+        extra[ALLOCATION_KEY] = json.dumps({"target_bpw": recipe.target_bpw, "tensors": allocation})
+    convert(checkpoint, tmp_out, recipe, rope=rope, force=True, prequantized=prequantized, extra_metadata=extra)
     if out.exists() and out.is_dir():
         shutil.rmtree(out)
     os.replace(tmp_out, out)

@@ -71,6 +71,20 @@ class Quantizer:
     def dequantize_blocks(self, b: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    # The grid a block's stored parameters define, for rounding onto it one column at a time (GPTQ inside
+    # GGML blocks, quant/gptq_ggml.py): element i of a block can take scale_i * levels[c] + offset_i for
+    # each code c, and the block's bytes hold the codes apart from the parameters.
+    levels: torch.Tensor | None = None  # code -> level (float32, ascending)
+
+    def grid(self, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Blocks [nb, block_bytes] -> per element (scale, offset or None) [nb, block], as the dequantizer
+        reads them."""
+        raise NotImplementedError(f"{self.name} has no fixed-grid rounding")
+
+    def with_codes(self, b: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """Blocks b with their codes replaced: codes [nb, block] index `levels`, in element order."""
+        raise NotImplementedError(f"{self.name} has no fixed-grid rounding")
+
 
 # ---- running over chunks of blocks ---------------------------------------------------------------
 

@@ -90,6 +90,14 @@ class IQ4_NL(Quantizer, name="IQ4_NL"):
     def dequantize_blocks(self, b):
         return fp16_from_bytes(b[:, self.fp16_scales]) * KVALUES.to(b.device)[_unnibble(b[:, 2:])]
 
+    levels = KVALUES
+
+    def grid(self, b):
+        return fp16_from_bytes(b[:, self.fp16_scales]).expand(-1, 32), None
+
+    def with_codes(self, b, codes):
+        return torch.cat([b[:, :2], _nibbles(codes)], 1)
+
 
 class IQ4_XS(Quantizer, name="IQ4_XS"):
     """256-blocks of 8 x 32: fp16 d, 6-bit signed sub-scales (scales_h u16 + scales_l[4]), IQ4 nibbles."""
@@ -111,11 +119,22 @@ class IQ4_XS(Quantizer, name="IQ4_XS"):
         sh = torch.stack([h & 0xFF, h >> 8], dim=1).to(torch.uint8)
         torch.cat([fp16_bytes(d[:, None]), sh, sl, _nibbles(L.t()).reshape(nb, 128)], dim=1, out=out)
 
-    def dequantize_blocks(self, b):
+    def _sub_scales(self, b: torch.Tensor) -> torch.Tensor:
         nb = b.shape[0]
         sh = b[:, 2].int() | (b[:, 3].int() << 8)
         lo = torch.stack([b[:, 4:8] & 0xF, b[:, 4:8] >> 4], dim=2).view(nb, 8).int()
         hi = (sh[:, None] >> torch.arange(0, 16, 2, dtype=torch.int32, device=b.device)) & 3
-        dl = fp16_from_bytes(b[:, self.fp16_scales]) * ((lo | (hi << 4)) - 32).float()
+        return fp16_from_bytes(b[:, self.fp16_scales]) * ((lo | (hi << 4)) - 32).float()  # [nb, 8]
+
+    def dequantize_blocks(self, b):
+        nb = b.shape[0]
         q = KVALUES.to(b.device)[_unnibble(b[:, 8:].reshape(nb * 8, 16))].view(nb, 8, 32)
-        return (dl[:, :, None] * q).view(nb, 256)
+        return (self._sub_scales(b)[:, :, None] * q).view(nb, 256)
+
+    levels = KVALUES
+
+    def grid(self, b):
+        return self._sub_scales(b).repeat_interleave(32, 1), None
+
+    def with_codes(self, b, codes):
+        return torch.cat([b[:, :8], _nibbles(codes.reshape(-1, 32)).reshape(-1, 128)], 1)

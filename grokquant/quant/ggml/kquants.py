@@ -119,6 +119,16 @@ class _KQuant45(Quantizer):
         d, dm = self._sub_scales(b)
         return (d.view(nb, 8, 1) * self._codes(b).reshape(nb, 8, 32).float() - dm.view(nb, 8, 1)).view(nb, QK_K)
 
+    def __init__(self):
+        self.levels = torch.arange(self.nmax + 1, dtype=torch.float32)
+
+    def grid(self, b):
+        d, dm = self._sub_scales(b)
+        return d.repeat_interleave(32, 1), -dm.repeat_interleave(32, 1)
+
+    def with_codes(self, b, codes):
+        return torch.cat([b[:, :16], self._pack_q(codes.to(torch.uint8).view(-1, 4, 2, 32))], 1)
+
 
 class Q4_K(_KQuant45, name="Q4_K"):
     """qs[128]: chunk c of 64 codes holds sub-block 2c in its low nibbles, 2c + 1 in its high ones."""
@@ -174,16 +184,33 @@ class Q6_K(Quantizer, name="Q6_K"):
         d16 = fp16_bytes((1 / iscale)[:, None])
         codes = nearest_int(iscale[:, None] * scales).clamp_max(127) & 0xFF  # stored as int8
         dj = (fp16_from_bytes(d16) * ((codes ^ 0x80) - 0x80).float()).view(M)
-        q = _requantize(xs, L, dj, None, -32, 31, buf).view(nb, 2, 4, 32)  # half, quarter, l
+        q = _requantize(xs, L, dj, None, -32, 31, buf)
+        torch.cat([self._pack_q(q), codes.to(torch.uint8), d16], 1, out=out)
+        out[amax < GROUP_MAX_EPS] = 0  # all sub-scales ~0: the whole block is written as zeros
+
+    @staticmethod
+    def _pack_q(q: torch.Tensor) -> torch.Tensor:
+        """Codes 0..63 [nb, 256] -> ql[128], qh[64]."""
+        q = q.view(-1, 2, 4, 32)  # half, quarter, l
         lo = q & 0xF
         ql = torch.cat([lo[:, :, 0] | (lo[:, :, 2] << 4), lo[:, :, 1] | (lo[:, :, 3] << 4)], 2)
         qh = (q[:, :, 0] >> 4) | ((q[:, :, 1] >> 4) << 2) | ((q[:, :, 2] >> 4) << 4) | ((q[:, :, 3] >> 4) << 6)
-        torch.cat([ql.reshape(nb, 128), qh.reshape(nb, 64), codes.to(torch.uint8), d16], 1, out=out)
-        out[amax < GROUP_MAX_EPS] = 0  # all sub-scales ~0: the whole block is written as zeros
+        return torch.cat([ql.reshape(-1, 128), qh.reshape(-1, 64)], 1)
+
+    levels = torch.arange(-32, 32, dtype=torch.float32)
+
+    def _sub_scales(self, b: torch.Tensor) -> torch.Tensor:
+        return fp16_from_bytes(b[:, self.fp16_scales]) * b[:, 192:208].view(torch.int8).float()  # [nb, 16]
+
+    def grid(self, b):
+        return self._sub_scales(b).repeat_interleave(16, 1), None
+
+    def with_codes(self, b, codes):
+        return torch.cat([self._pack_q(codes.to(torch.uint8)), b[:, 192:]], 1)
 
     def dequantize_blocks(self, b):
         nb = b.shape[0]
-        d = (fp16_from_bytes(b[:, self.fp16_scales]) * b[:, 192:208].view(torch.int8).float()).view(nb, 16, 1)
+        d = self._sub_scales(b).view(nb, 16, 1)
         ql = b[:, :128].view(nb, 2, 1, 64)
         ql = torch.cat([ql & 0xF, ql >> 4], 2).view(nb, 2, 4, 32)
         shift = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=b.device).view(1, 1, 4, 1)
@@ -238,13 +265,24 @@ class Q2_K(_KQuant2, name="Q2_K"):
         q = _requantize(xe, L, (d * (sc & 0xF).float()).reshape(-1), (dmin * (sc >> 4).float()).reshape(-1), 0, 3, buf)
         torch.cat([sc.to(torch.uint8), self.pack_qs(q), fp16_bytes(torch.cat([d, dmin], 1))], 1, out=out)
 
-    def dequantize_blocks(self, b):
-        nb = b.shape[0]
+    def _sub_scales(self, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         sc = b[:, :16]
         dd = fp16_from_bytes(b[:, self.fp16_scales])
-        dl = (dd[:, :1] * (sc & 0xF).float()).view(nb, 16, 1)
-        ml = (dd[:, 1:] * (sc >> 4).float()).view(nb, 16, 1)
-        return (dl * self.unpack_qs(b[:, 16:80]).float().view(nb, 16, 16) - ml).view(nb, 256)
+        return dd[:, :1] * (sc & 0xF).float(), dd[:, 1:] * (sc >> 4).float()  # [nb, 16] each
+
+    def dequantize_blocks(self, b):
+        nb = b.shape[0]
+        dl, ml = self._sub_scales(b)
+        return (dl.view(nb, 16, 1) * self.unpack_qs(b[:, 16:80]).float().view(nb, 16, 16) - ml.view(nb, 16, 1)).view(nb, 256)
+
+    levels = torch.arange(4, dtype=torch.float32)
+
+    def grid(self, b):
+        dl, ml = self._sub_scales(b)
+        return dl.repeat_interleave(16, 1), -ml.repeat_interleave(16, 1)
+
+    def with_codes(self, b, codes):
+        return torch.cat([b[:, :16], self.pack_qs(codes), b[:, 80:]], 1)
 
 
 class Q3_K(_KQuant2, name="Q3_K"):
@@ -287,15 +325,31 @@ class Q3_K(_KQuant2, name="Q3_K"):
             c = blocks(c, nb)
         d = fp16_round(d)[:, None]
         q = _requantize(xe, L, (d * (c - 32).float()).reshape(-1), None, -4, 3, buf)
+        torch.cat([self._pack_q(q), self.pack_scales(c), fp16_bytes(d)], 1, out=out)
+
+    @staticmethod
+    def _pack_q(q: torch.Tensor) -> torch.Tensor:
+        """Codes 0..7 (level + 4) [nb, 256] -> hmask[32] (set: level >= 0), qs[64] (the low 2 bits)."""
+        nb = q.shape[0]
         high = q > 3
-        bits = torch.arange(8, dtype=torch.uint8, device=x.device).view(1, 8, 1)
+        bits = torch.arange(8, dtype=torch.uint8, device=q.device).view(1, 8, 1)
         hmask = (high.view(nb, 8, 32).to(torch.uint8) << bits).sum(1)  # element 32b + m -> hmask[m] bit b
-        torch.cat([hmask.to(torch.uint8), self.pack_qs(torch.where(high, q - 4, q)), self.pack_scales(c),
-                   fp16_bytes(d)], 1, out=out)
+        return torch.cat([hmask.to(torch.uint8), _KQuant2.pack_qs(torch.where(high, q - 4, q))], 1)
+
+    def _sub_scales(self, b: torch.Tensor) -> torch.Tensor:
+        return fp16_from_bytes(b[:, self.fp16_scales]) * (self.unpack_scales(b[:, 96:108]) - 32).float()
+
+    levels = torch.arange(-4, 4, dtype=torch.float32)
+
+    def grid(self, b):
+        return self._sub_scales(b).repeat_interleave(16, 1), None
+
+    def with_codes(self, b, codes):
+        return torch.cat([self._pack_q(codes.to(torch.uint8)), b[:, 96:]], 1)
 
     def dequantize_blocks(self, b):
         nb = b.shape[0]
-        dl = (fp16_from_bytes(b[:, self.fp16_scales]) * (self.unpack_scales(b[:, 96:108]) - 32).float()).view(nb, 16, 1)
+        dl = self._sub_scales(b).view(nb, 16, 1)
         hbit = (b[:, :32].view(nb, 1, 32) >> torch.arange(8, dtype=torch.uint8, device=b.device).view(1, 8, 1)) & 1
         q = self.unpack_qs(b[:, 32:96]).int() + (hbit.reshape(nb, 256).int() << 2) - 4
         return (dl * q.float().view(nb, 16, 16)).view(nb, 256)

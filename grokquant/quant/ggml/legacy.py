@@ -104,13 +104,29 @@ class _Legacy(Quantizer):
 
     def _pack(self, out, d, m, codes):
         """Write blocks into out [n, block_bytes]: d, (m), (qh), qs."""
-        codes = codes.to(torch.uint8)
         out[:, self.fp16_scales] = fp16_bytes(d[:, None] if m is None else torch.stack([d, m], 1))
+        self._pack_codes(out, codes)
+
+    def _pack_codes(self, out, codes):
+        codes = codes.to(torch.uint8)
         if self.bits == 5:
             qh = self.fp16_scales.stop
             out[:, qh:qh + 4] = ((codes >> 4).float() @ _bit_weights(codes.device)).to(torch.uint8)
             codes = codes & 15
         out[:, -16:] = codes[:, :16] | (codes[:, 16:] << 4)
+
+    def __init__(self):
+        n = 1 << self.bits
+        self.levels = torch.arange(n, dtype=torch.float32) - (0 if self.has_min else n // 2)
+
+    def grid(self, b):
+        dm = fp16_from_bytes(b[:, self.fp16_scales])
+        return dm[:, :1].expand(-1, QK), dm[:, 1:].expand(-1, QK) if self.has_min else None
+
+    def with_codes(self, b, codes):
+        out = b.clone()
+        self._pack_codes(out, codes)
+        return out
 
     def dequantize_blocks(self, b):
         b = b.contiguous()
@@ -165,3 +181,13 @@ class Q8_0(Quantizer, name="Q8_0"):
     def dequantize_blocks(self, b):
         b = b.contiguous()
         return fp16_from_bytes(b[:, self.fp16_scales]) * b[:, 2:].view(torch.int8).float()
+
+    levels = torch.arange(-128, 128, dtype=torch.float32)
+
+    def grid(self, b):
+        return fp16_from_bytes(b[:, self.fp16_scales]).expand(-1, QK), None
+
+    def with_codes(self, b, codes):
+        out = b.clone()
+        out[:, 2:] = codes.to(torch.uint8) ^ 0x80  # code c is the int8 c - 128
+        return out

@@ -12,6 +12,10 @@ class GGMLType:
     block: int  # elements per block
     block_bytes: int
 
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.block_bytes / self.block
+
     def row_bytes(self, n: int) -> int:
         if n % self.block:
             raise ValueError(f"{self.name}: row length {n} is not a multiple of {self.block}")
