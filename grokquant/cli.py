@@ -255,7 +255,7 @@ def quantize(checkpoint, output, recipe, data, n_tokens, seq_len, seed, chat, de
     def on_layer(layer):
         bar(desc, n_layers, "layer").update(1)
 
-    if rec.target_bpw is None:
+    if getattr(rec, "target_bpw", None) is None:  # no sensitivity pass first
         bar(desc, n_layers, "layer")
     try:
         out = run_quantize(checkpoint, output, rec, tokens, force=force, batch_size=batch_size, device=device,

@@ -2,6 +2,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from grokquant.grok.synth import synth
 
@@ -36,3 +37,13 @@ def tiny_copy(tiny_tp8, tmp_path) -> Path:
     dst = tmp_path / "copy"
     shutil.copytree(tiny_tp8, dst)
     return dst
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices and searches of many small ops: on a busy 2-core machine OpenMP barriers make two
+    threads slower than one."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -15,13 +15,7 @@ from grokquant.quant.ggml.base import QUANTIZERS, Scratch, dequantize, quantize
 TYPES = ["IQ4_NL", "IQ4_XS", "Q2_K", "Q3_K"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The searches issue many small ops; on a busy 2-core box OpenMP barriers make 2 threads ~10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 KV = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.float32)

@@ -20,13 +20,7 @@ from grokquant.grok.tokenizer import load_tokenizer
 from test_gptq_format import unpack_v1
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: one thread avoids OpenMP hand-off costs that dominate on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_artifact(ckpt, out, recipe="gptq-w4g128", method="rtn"):

@@ -16,7 +16,9 @@ from grokquant.gptq.weights import GPTQWeights
 from grokquant.grok.model import Grok2ForCausalLM
 from grokquant.runtime.qlinear import GPTQLinear, Int4Linear, Int8Linear
 from grokquant.quantize.recipe import GGUFRecipe
-from test_gptq_weights import make_artifact, one_thread  # noqa: F401 (autouse fixture)
+from test_gptq_weights import make_artifact
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,9 @@ from grokquant.errors import GrokquantError
 from grokquant.runtime.generate import sample_iter
 from grokquant.runtime.offload import ExpertCache, OffloadedMoE
 from grokquant.runtime.placement import DoesNotFit, LayerBytes, ModelBytes, Placement, plan_placement
-from test_gptq_weights import make_artifact, one_thread  # noqa: F401 (autouse fixture)
+from test_gptq_weights import make_artifact
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 MB = 10**6
 

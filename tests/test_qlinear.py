@@ -8,7 +8,8 @@ from grokquant.runtime.qlinear import (GPTQLinear, Int4Linear, Int8Linear, bnb_l
                                linear_bytes, module_bytes)
 from grokquant.quant.ggml.base import dequantize, quantize
 from grokquant.quant.gptq import IntQuantConfig, gptq
-from test_gptq_weights import one_thread  # noqa: F401 (autouse fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def packed_linear(cfg, out=64, inp=512, seed=0):

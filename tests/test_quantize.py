@@ -239,7 +239,7 @@ def test_target_bpw_file_fits_and_says_what_it_chose(gguf_target):
     from grokquant.quantize.run import ALLOCATION_KEY
 
     f = read_gguf(gguf_target)
-    assert 4.85 < f.matrix_bpw() <= 5.0  # the budget is used, not exceeded
+    assert 4.8 < f.matrix_bpw() <= 5.0  # the budget is used, not exceeded
     allocation = json.loads(f.metadata[ALLOCATION_KEY])
     assert allocation["target_bpw"] == 5.0
     chosen = {a["tensor"]: a["type"] for a in allocation["tensors"]}

@@ -73,7 +73,7 @@ def _sweep_block(q: Quantizer, rounder: _Rounder, data: torch.Tensor, W: torch.T
     scale, offset = q.grid(data)
     scale, offset = scale.view(B, rows, bs), None if offset is None else offset.view(B, rows, bs)
     levels = rounder.levels
-    codes = torch.empty(B, rows, bs, dtype=torch.long)
+    codes = torch.empty(B, rows, bs, dtype=torch.uint8)
     err = torch.empty_like(W)
     zero = scale == 0
     for c in range(bs):

@@ -44,6 +44,7 @@ from grokquant.quant.gptq_ggml import ggml_rtn
 CANDIDATES = ("Q2_K", "Q3_K", "IQ4_XS", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
 PROBE = "Q3_K"  # large enough an error to measure above float noise, small enough to stay quadratic
 MAX_TOKENS = 4096  # calibration tokens the probes run on
+MAX_LOGIT_ELEMENTS = 1 << 28  # of the reference log-probabilities kept (1 GiB): fewer tokens for a large vocabulary
 MAX_MODEL_BYTES = 8 << 30  # float32 copy of the model held for the probes
 # llama.cpp's forward pass (routing, no softcaps, √2/2 residuals) without its bit-level emulation (fp16
 # GELU table, double-precision norms): those move logits by ~1e-6, far below any probe's effect, and
@@ -102,7 +103,7 @@ class _Probe:
             self.hidden = [[self.model.embed(b) for b in self.batches]]
             for layer in range(cfg.num_hidden_layers):
                 self.hidden.append([self._layer(layer, h) for h in self.hidden[-1]])
-            self.base = [F.log_softmax(self.model.head(h), -1) for h in self.hidden[-1]]
+            self.base = [self._logp(h) for h in self.hidden[-1]]
         finally:
             for h in hooks:
                 h.remove()
@@ -114,6 +115,9 @@ class _Probe:
             s = self.sum2.get(name)
             self.sum2[name] = x.pow(2).sum(0) if s is None else s + x.pow(2).sum(0)
         return hook
+
+    def _logp(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.cat([F.log_softmax(self.model.head(w), -1) for w in h.split(1)])  # a window at a time
 
     def _layer(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         return self.model.run_layer(layer, h, self.positions, None, self.rope)
@@ -127,10 +131,11 @@ class _Probe:
             h = self.model.embed(b) if start < 0 else self.hidden[start][i]
             for layer in range(max(start, 0), n_layers):
                 h = self._layer(layer, h)
-            logp = F.log_softmax(self.model.head(h), -1)
-            base = self.base[i]
-            total += float((base.exp() * (base - logp)).sum(-1).double().sum())
-            count += base.shape[0] * base.shape[1]
+            for w in range(h.shape[0]):
+                base = self.base[i][w]
+                logp = F.log_softmax(self.model.head(h[w:w + 1]), -1)[0]
+                total += float((base.exp() * (base - logp)).sum(-1).double().sum())
+                count += base.shape[0]
         return total / count
 
     def release_weights(self, gguf: str) -> list[tuple[str, torch.Tensor]]:
@@ -166,7 +171,8 @@ def measure(ckpt: Checkpoint, tokens: torch.Tensor, fixed: set[str], batch_size:
     if model_bytes > MAX_MODEL_BYTES:
         raise GrokquantError(f"--target-bpw measures each tensor's effect with the model in memory: "
                              f"{model_bytes / 2**30:.1f} GiB as float32, more than {MAX_MODEL_BYTES >> 30} GiB")
-    tokens = tokens[:max(1, MAX_TOKENS // tokens.shape[1])]
+    n_tokens = min(MAX_TOKENS, MAX_LOGIT_ELEMENTS // cfg.vocab_size)
+    tokens = tokens[:max(1, n_tokens // tokens.shape[1])]
     probe = _Probe(ckpt, tokens, batch_size)
     sens = Sensitivity()
     for done, (g, shape) in enumerate(allocatable(ckpt, fixed), 1):
@@ -296,16 +302,22 @@ def _fill(fronts, pick: dict[str, int], budget: int) -> dict[str, int]:
         pick[g] = j
 
 
+HEADER_BYTES_PER_TENSOR = 128  # what the file's report of the allocation adds to its header, at most
+HEADER_BYTES = 1024  # and the per-class report
+
+
 def budget_bytes(shapes: dict[str, tuple[int, ...]], target_bpw: float, planned: dict[str, str],
                  free: set[str]) -> int:
     """Bytes the `free` tensors may take for `target_bpw` over all matrices, the others at their planned
-    types (the recipe's fixed ones, the routers)."""
+    types (the recipe's fixed ones, the routers), less what our reports add to the header: a file made
+    for another file's bits per weight is then no larger than it."""
     total = int(target_bpw * matrix_elements(list(shapes.items())) / 8)
-    return total - sum(TYPES[planned[g]].nbytes(s) for g, s in shapes.items() if len(s) >= 2 and g not in free)
+    fixed = sum(TYPES[planned[g]].nbytes(s) for g, s in shapes.items() if len(s) >= 2 and g not in free)
+    return total - fixed - HEADER_BYTES - HEADER_BYTES_PER_TENSOR * len(free)
 
 
-def allocation_report(sens: Sensitivity, types: dict[str, str], shapes: dict[str, tuple[int, ...]]) -> list[dict]:
-    """Per allocated tensor: type, bytes, measured probe KLD and predicted KLD at the chosen type."""
-    return [{"tensor": g, "type": t, "bytes": TYPES[t].nbytes(shapes[g]), "probe_kld": sens.probe_kld[g],
-             "predicted_kld": sens.kld(g, t)} for g, t in types.items()]
+def allocation_report(sens: Sensitivity, types: dict[str, str]) -> list[dict]:
+    """Per allocated tensor: type, measured probe KLD and predicted KLD at the chosen type."""
+    return [{"tensor": g, "type": t, "probe_kld": float(f"{sens.probe_kld[g]:.3g}"),
+             "predicted_kld": float(f"{sens.kld(g, t):.3g}")} for g, t in types.items()]
 

@@ -118,7 +118,7 @@ def _allocation(ckpt: Checkpoint, recipe: GGUFRecipe, tokens: torch.Tensor, work
     progress = (lambda done: on_probe(done, len(free))) if on_probe else None
     sens = allocate.measure(ckpt, tokens, fixed, batch_size, progress)
     budget = allocate.budget_bytes(shapes, recipe.target_bpw, planned, {g for g, _ in free})
-    report = allocate.allocation_report(sens, allocate.allocate(sens, shapes, budget), shapes)
+    report = allocate.allocation_report(sens, allocate.allocate(sens, shapes, budget))
     tmp = work / "allocation.tmp"
     tmp.write_text(json.dumps(report))
     os.replace(tmp, path)
@@ -344,7 +344,8 @@ def _assemble_gguf(ckpt: Checkpoint, checkpoint, work: Path, parts: list[str], o
     tmp_out = out.with_name(f".{out.name}.assemble")
     extra = {REPORT_KEY: json.dumps(report), "grokquant.recipe": recipe.name}
     if allocation is not None:
-        extra[ALLOCATION_KEY] = json.dumps({"target_bpw": recipe.target_bpw, "tensors": allocation})
+        extra[ALLOCATION_KEY] = json.dumps({"target_bpw": recipe.target_bpw, "tensors": allocation},
+                                           separators=(",", ":"))
     convert(checkpoint, tmp_out, recipe, rope=rope, force=True, prequantized=prequantized, extra_metadata=extra)
     if out.exists() and out.is_dir():
         shutil.rmtree(out)
