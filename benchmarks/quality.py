@@ -43,7 +43,7 @@ from grokquant.errors import GrokquantError  # noqa: E402
 RUNNER = ROOT / "tests" / "llama_runner.py"
 ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
 FTYPE_NAMES = {"q4_k_m": "Q4_K_M", "iq4_xs": "IQ4_XS", "q2_k": "Q2_K"}  # tier -> llama.cpp's LLAMA_FTYPE_MOSTLY_*
-BPW_SLACK = 0.005  # a llama.cpp file counts as "at least our size" down to this many bits below ours
+BPW_SLACK = 0.0  # ours must be no larger: a llama.cpp file counts as "at least our size" only at >= our matrix bpw
 PASS_RATIO = 0.70
 
 

@@ -234,7 +234,7 @@ def allocate(sens: Sensitivity, shapes: dict[str, tuple[int, ...]], budget: int)
                              f"for {budget} allowed): raise --target-bpw")
     picks = [_fill(fronts, p, budget) for p in (_lagrangian(fronts, budget), _knapsack(fronts, budget))]
     pick = min(picks, key=lambda p: sum(fronts[g][i][1] for g, i in p.items()))
-    return {g: fronts[g][i][2] for g, i in pick.items()}
+    return {g: fronts[g][i][2] for g, i in sorted(pick.items())}
 
 
 def _size(fronts, pick: dict[str, int]) -> int:
