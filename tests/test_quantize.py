@@ -278,4 +278,4 @@ def test_target_bpw_refuses_what_it_cannot_do(tiny_tp8, tokens, tmp_path):
         with_target_bpw(load_recipe("q4_k_m"), 4.0)
     with pytest.raises(GrokquantError, match="below the smallest"):
         quantize(tiny_tp8, tmp_path / "x.gguf", with_target_bpw(load_recipe("q4_k_m-gptq"), 2.0), tokens)
-    assert not (tmp_path / "x.gguf").exists()
+    assert list(tmp_path.iterdir()) == []  # refused before any work: no output, no work folder

@@ -228,13 +228,18 @@ def allocate(sens: Sensitivity, shapes: dict[str, tuple[int, ...]], budget: int)
     a greedy fill of the bytes it left."""
     fronts = {g: _front([(TYPES[t].nbytes(shapes[g]), sens.kld(g, t), t) for t in sens.errors[g]])
               for g in sorted(sens.errors)}
-    smallest = sum(f[0][0] for f in fronts.values())
-    if smallest > budget:
-        raise GrokquantError(f"the target is below the smallest allocation ({smallest} bytes of weights "
-                             f"for {budget} allowed): raise --target-bpw")
+    check_budget({g: shapes[g] for g in fronts}, budget)
     picks = [_fill(fronts, p, budget) for p in (_lagrangian(fronts, budget), _knapsack(fronts, budget))]
     pick = min(picks, key=lambda p: sum(fronts[g][i][1] for g, i in p.items()))
     return {g: fronts[g][i][2] for g, i in sorted(pick.items())}
+
+
+def check_budget(shapes: dict[str, tuple[int, ...]], budget: int) -> None:
+    """Refuse a budget below every tensor at its smallest candidate (before anything is measured)."""
+    smallest = sum(min(TYPES[t].nbytes(s) for t in _candidates(s)) for s in shapes.values())
+    if smallest > budget:
+        raise GrokquantError(f"the target is below the smallest allocation ({smallest} bytes of weights "
+                             f"for {budget} allowed): raise --target-bpw")
 
 
 def _size(fronts, pick: dict[str, int]) -> int:

@@ -115,9 +115,14 @@ def _allocation(ckpt: Checkpoint, recipe: GGUFRecipe, tokens: torch.Tensor, work
     fixed = {g for g in planned if recipe.override_for(g) is not None}
     free = allocate.allocatable(ckpt, fixed)
     shapes = dict(gguf_tensors(ckpt.config))
+    budget = allocate.budget_bytes(shapes, recipe.target_bpw, planned, {g for g, _ in free})
+    try:
+        allocate.check_budget(dict(free), budget)
+    except GrokquantError:
+        shutil.rmtree(work)  # nothing was done: no half-started run to resume
+        raise
     progress = (lambda done: on_probe(done, len(free))) if on_probe else None
     sens = allocate.measure(ckpt, tokens, fixed, batch_size, progress)
-    budget = allocate.budget_bytes(shapes, recipe.target_bpw, planned, {g for g, _ in free})
     report = allocate.allocation_report(sens, allocate.allocate(sens, shapes, budget))
     tmp = work / "allocation.tmp"
     tmp.write_text(json.dumps(report))
