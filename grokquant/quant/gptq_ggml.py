@@ -31,15 +31,6 @@ from grokquant.quant.ggml.base import QUANTIZERS, Quantizer
 from grokquant.quant.gptq import upper_cholesky_of_inverse
 
 
-def _fit_blocks(q: Quantizer, W: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
-    """Columns [B, out, bs] of one GGML block -> the type's bytes [B * out, block_bytes]."""
-    B, rows, bs = W.shape
-    qw = None
-    if importance is not None:
-        qw = importance[:, None, :].expand(B, rows, bs).reshape(B * rows, bs).contiguous()
-    return q.quantize_blocks(W.reshape(B * rows, bs).contiguous(), qw)
-
-
 def ggml_rtn(W: torch.Tensor, type_name: str, importance: torch.Tensor | None = None) -> torch.Tensor:
     """Plain GGML quantization of a stack W [B, out, in] with per-matrix importance [B, in] (or None)."""
     q = QUANTIZERS[type_name]
@@ -134,7 +125,7 @@ def gptq_ggml(W: torch.Tensor, H: torch.Tensor, type_name: str, damp: float = 0.
             k = j + bs
             Ub = U1[:, j:k, j:k]
             imp = importance[:, i1 + j:i1 + k]
-            data = _fit_blocks(q, W1[:, :, j:k], imp)
+            data = ggml_rtn(W1[:, :, j:k], type_name, imp).view(B * rows, -1)
             if rounder is None:
                 Q = q.dequantize_blocks(data).view(B, rows, bs)
                 err = torch.linalg.solve_triangular(Ub, W1[:, :, j:k] - Q, upper=True, left=False)
@@ -142,7 +133,7 @@ def gptq_ggml(W: torch.Tensor, H: torch.Tensor, type_name: str, damp: float = 0.
                 target = W1[:, :, j:k].clone()
                 data, err = _sweep_block(q, rounder, data, W1[:, :, j:k], Ub)
                 for _ in range(refits):
-                    data2 = _fit_blocks(q, W1[:, :, j:k], imp)  # fitted to the compensated columns
+                    data2 = ggml_rtn(W1[:, :, j:k], type_name, imp).view(B * rows, -1)  # fitted to the compensated columns
                     trial = target.clone()
                     data2, err2 = _sweep_block(q, rounder, data2, trial, Ub)
                     better = err2.pow(2).sum(-1) < err.pow(2).sum(-1)  # per row [B, out]
