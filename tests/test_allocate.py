@@ -98,7 +98,7 @@ def test_predicted_kld_follows_the_measured_one(tiny_sensitivity):
         original = probe.release_weights(g)
         W = torch.stack([w.float() for _, w in original])
         imp = torch.stack([probe.sum2[n.rsplit(".", 1)[0]] for n, _ in original]).float()
-        _, Q = _weighted_error(W, "Q2_K", imp, None)
+        _, Q = _weighted_error(W, "Q2_K", imp, imp, None)
         probe.set_weights({n: Q[i] for i, (n, _) in enumerate(original)})
         measured = probe.kld_from(_start_layer(g, ckpt.config.num_hidden_layers))
         probe.set_weights(dict(original))
@@ -111,3 +111,13 @@ def test_fixed_tensors_are_left_out(tiny_sensitivity):
     ckpt, tokens, _ = tiny_sensitivity
     fixed = {g for g, _ in gguf_tensors(ckpt.config) if "attn" in g}
     assert not any("attn" in g for g, _ in allocatable(ckpt, fixed))
+
+
+def test_rows_the_probe_type_cannot_hold_keep_their_planned_type(odd_tp8):
+    """A row length that is not a multiple of 256 has no K-quant: such a tensor is not measured or
+    allocated (it stays at the mix's fallback type and counts as fixed in the budget)."""
+    ckpt = Checkpoint.open(odd_tp8)
+    shapes = dict(gguf_tensors(ckpt.config))
+    free = dict(allocatable(ckpt, set()))
+    assert all(s[-1] % 256 == 0 for s in free.values())
+    assert any(len(s) >= 2 and s[-1] % 256 and "norm" not in g and "gate_inp" not in g for g, s in shapes.items())

@@ -71,16 +71,17 @@ class Sensitivity:
 
 # ---- measuring ----------------------------------------------------------------------------------------
 
-def _weighted_error(W: torch.Tensor, type_name: str, imp: torch.Tensor | None, row_weight: torch.Tensor | None
-                    ) -> tuple[float, torch.Tensor]:
-    """(Σ row_weight · imp · (W − Q)², Q) for a stack W [B, out, in] rounded to type_name with importance
-    imp [B, in] (one call for the whole stack: the searches cost per call); a missing weight counts 1."""
+def _weighted_error(W: torch.Tensor, type_name: str, imp: torch.Tensor | None, col_weight: torch.Tensor | None,
+                    row_weight: torch.Tensor | None) -> tuple[float, torch.Tensor]:
+    """(Σ row_weight · col_weight · (W − Q)², Q) for a stack W [B, out, in] rounded to type_name with
+    importance imp [B, in] (one call for the whole stack: the searches cost per call); a missing weight
+    counts 1."""
     q = QUANTIZERS[type_name]
     Q = q.dequantize(ggml_rtn(W, type_name, imp).reshape(-1, q.type.block_bytes * (W.shape[2] // q.type.block)),
                      W.shape[2]).view(W.shape)
     d2 = (W - Q).double().pow(2)
-    if imp is not None:
-        d2 = d2 * imp.double()[:, None, :]
+    if col_weight is not None:
+        d2 = d2 * col_weight.double()[:, None, :]
     if row_weight is not None:
         d2 = d2 * row_weight.double()[None, :, None]
     return float(d2.sum()), Q
@@ -153,9 +154,9 @@ def _start_layer(gguf: str, n_layers: int) -> int:
 
 def allocatable(ckpt: Checkpoint, fixed: set[str]) -> list[tuple[str, tuple[int, ...]]]:
     """GGUF tensors whose type the allocation chooses: quantizable, not fixed by the recipe, and whose rows
-    fit at least one candidate."""
+    fit the probe type (the others keep their planned type and count as fixed)."""
     return [(g, s) for g, s in gguf_tensors(ckpt.config)
-            if is_quantizable(g, len(s)) and g not in fixed and _candidates(s)]
+            if is_quantizable(g, len(s)) and g not in fixed and PROBE in _candidates(s)]
 
 
 def _candidates(shape: tuple[int, ...]) -> list[str]:
@@ -178,19 +179,19 @@ def measure(ckpt: Checkpoint, tokens: torch.Tensor, fixed: set[str], batch_size:
     for done, (g, shape) in enumerate(allocatable(ckpt, fixed), 1):
         original = probe.release_weights(g)
         W = torch.stack([w.float() for _, w in original])
-        imp, rows = None, None
+        imp, cols, rows = None, None, None
         if g.startswith("token_embd"):  # a row lookup: each row weighs by how often its token occurs
             rows = probe.token_counts
         else:
-            imp = torch.stack([probe.sum2.get(_module_name(n), torch.zeros(W.shape[2], dtype=torch.float64))
-                               for n, _ in original]).float()
-            unseen = ~imp.any(1)  # experts no calibration token reached: their error costs nothing, but the
-            if unseen.any():      # quantizer needs some weights to round them
+            cols = torch.stack([probe.sum2.get(_module_name(n), torch.zeros(W.shape[2], dtype=torch.float64))
+                                for n, _ in original]).float()
+            imp = cols.clone()
+            unseen = ~imp.any(1)  # experts no calibration token reached: their error costs nothing (cols 0),
+            if unseen.any():      # but the quantizer needs some weights to round them
                 imp[unseen] = imp[~unseen].mean(0) if (~unseen).any() else 1.0
         errors = {}
         for t in _candidates(shape):
-            e, Q = _weighted_error(W, t, imp, rows)
-            errors[t] = e if imp is None else e - _unseen_share(W, Q, imp, unseen)
+            errors[t], Q = _weighted_error(W, t, imp, cols, rows)
             if t == PROBE:
                 probe.set_weights({n: Q[i] for i, (n, _) in enumerate(original)})
         sens.probe_kld[g] = probe.kld_from(_start_layer(g, cfg.num_hidden_layers))
@@ -199,12 +200,6 @@ def measure(ckpt: Checkpoint, tokens: torch.Tensor, fixed: set[str], batch_size:
         if on_tensor:
             on_tensor(done)
     return sens
-
-
-def _unseen_share(W, Q, imp, unseen) -> float:
-    if not unseen.any():
-        return 0.0
-    return float(((W - Q)[unseen].double().pow(2) * imp[unseen].double()[:, None, :]).sum())
 
 
 def _module_name(param: str) -> str:
