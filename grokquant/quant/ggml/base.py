@@ -205,3 +205,6 @@ def dequantize(data: torch.Tensor, type_name: str, shape: tuple[int, ...]) -> to
 from grokquant.quant.ggml import kquants as ggml_kquants  # noqa: E402,F401
 from grokquant.quant.ggml import legacy as ggml_legacy  # noqa: E402,F401
 from grokquant.quant.ggml import iquants as ggml_iquants  # noqa: E402,F401
+from grokquant.quant.ggml import iq2 as ggml_iq2  # noqa: E402,F401
+from grokquant.quant.ggml import iq3 as ggml_iq3  # noqa: E402,F401
+from grokquant.quant.ggml import iq1 as ggml_iq1  # noqa: E402,F401

@@ -35,5 +35,8 @@ TYPES = {t.name: t for t in [
     GGMLType("Q2_K", 10, 256, 84), GGMLType("Q3_K", 11, 256, 110), GGMLType("Q4_K", 12, 256, 144),
     GGMLType("Q5_K", 13, 256, 176), GGMLType("Q6_K", 14, 256, 210), GGMLType("IQ4_NL", 20, 32, 18),
     GGMLType("IQ4_XS", 23, 256, 136), GGMLType("BF16", 30, 1, 2),
+    GGMLType("IQ2_XXS", 16, 256, 66), GGMLType("IQ2_XS", 17, 256, 74), GGMLType("IQ2_S", 22, 256, 82),
+    GGMLType("IQ3_XXS", 18, 256, 98), GGMLType("IQ3_S", 21, 256, 110), GGMLType("IQ1_S", 19, 256, 50),
+    GGMLType("IQ1_M", 29, 256, 56),
 ]}
 BY_ID = {t.id: t for t in TYPES.values()}
