@@ -103,8 +103,10 @@ def synth(out, preset, layout, seed, train_text, steps, force, **overrides):
 @main.command()
 @click.argument("checkpoint", type=click.Path(file_okay=False))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output .gguf path.")
-@click.option("--type", "ftype", help="llama.cpp file type: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, "
-              "q4_k_s, q4_k_m, q5_k_s, q5_k_m, q6_k, iq4_xs, iq4_nl.")
+@click.option("--type", "ftype", help="llama.cpp file type: f32, f16, bf16, q8_0, q6_k, q5_k_m, q5_k_s, q5_1, "
+              "q5_0, q4_k_m, q4_k_s, q4_1, q4_0, iq4_xs, iq4_nl, q3_k_l, q3_k_m, q3_k_s, iq3_m, iq3_s, iq3_xs, "
+              "iq3_xxs, q2_k, q2_k_s, iq2_m, iq2_s, iq2_xs, iq2_xxs, iq1_m, iq1_s (iq3_xxs and below, and "
+              "q2_k_s, need --imatrix).")
 @click.option("--recipe", help="Recipe name under recipes/ or a YAML path (instead of --type).")
 @click.option("--rope", default="plain", show_default=True, type=click.Choice(["plain", "yarn"]),
               help="plain: RoPE as the reference runtime computes it; yarn: what llama.cpp's own converter writes.")

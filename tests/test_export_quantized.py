@@ -1,5 +1,8 @@
 """Quantized GGUF files versus llama.cpp's own `llama_model_quantize` on the same model."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -8,10 +11,10 @@ from grokquant.gguf.convert import convert, plan
 from grokquant.gguf.file import read_gguf
 from grokquant.gguf.weights import GGUFWeights
 from grokquant.grok.model import Grok2ForCausalLM
-from grokquant.quant.ggml.mixes import FTYPES
+from grokquant.quant.ggml.mixes import FTYPES, requires_imatrix
 from grokquant.quantize.recipe import GGUFRecipe
 from grokquant.grok.synth import synth
-from test_export_gguf import TOKENS, llama, llama_logits, logits_and_bound
+from test_export_gguf import RUNNER, TOKENS, llama, llama_logits, logits_and_bound
 
 # GGML type -> a llama.cpp file type whose default it is (used with --pure)
 PURE = {"Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "q4_1", "Q5_0": "q5_0", "Q5_1": "q5_1", "Q4_K": "q4_k_m",
@@ -122,3 +125,54 @@ def test_imatrix_conversion_equals_llama_quantize(tiny_tp8, f32, tmp_path, ftype
     assert fraction >= 0.999
     without = convert(tiny_tp8, tmp_path / "plain.gguf", GGUFRecipe(ftype, ftype))[0]
     assert compare_files(without, ref) < 0.9  # the importance really changed the result
+
+
+LOW_BIT_MIXES = ["iq3_m", "iq3_s", "iq3_xs", "iq3_xxs", "q2_k_s", "iq2_m", "iq2_s", "iq2_xs", "iq2_xxs", "iq1_m",
+                 "iq1_s"]
+
+
+def synthetic_imatrix(cfg, ftype: str, out, seed: int = 7) -> dict[str, torch.Tensor]:
+    """Per-expert importance for every quantizable tensor, saved as llama_runner's npz as well."""
+    gen = torch.Generator().manual_seed(seed)
+    imatrix = {}
+    for t in plan(cfg, GGUFRecipe(ftype, ftype), has_imatrix=True):
+        if t.type.name != "F32":
+            n_mat = t.shape[0] if len(t.shape) == 3 else 1
+            imatrix[t.name] = torch.rand(n_mat, t.shape[-1], generator=gen) ** 4 + 1e-3
+    np.savez(out, **{k: v.numpy() for k, v in imatrix.items()})
+    return imatrix
+
+
+@pytest.mark.parametrize("ftype", LOW_BIT_MIXES)
+def test_low_bit_mix_types_equal_llama_quantize(deep, tmp_path, ftype):
+    """The 1-3 bit mixes, given an importance matrix as they require: the same per-tensor types as
+    llama_model_quantize on a 16-layer 8-expert model (its first-eighth and use_more_bits rules show)."""
+    path, f32 = deep
+    cfg = GGUFWeights(f32).config
+    synthetic_imatrix(cfg, ftype, tmp_path / "imatrix.npz")
+    ref = tmp_path / "ref.gguf"
+    llama("quantize", f32, ref, FTYPES[ftype][0], 0, tmp_path / "imatrix.npz")
+    ref_types = {n: i.type.name for n, i in read_gguf(ref).tensors.items()}
+    assert {t.name: t.type.name for t in plan(cfg, GGUFRecipe(ftype, ftype), has_imatrix=True)} == ref_types
+
+
+@pytest.mark.parametrize("ftype", ["iq2_xxs", "iq3_xxs", "q2_k_s"])
+def test_low_bit_mix_without_imatrix_is_refused_like_llama_quantize(deep, tmp_path, ftype):
+    """llama-quantize refuses these without importance data; so do we, in one line, writing nothing."""
+    from grokquant.errors import GrokquantError
+
+    path, f32 = deep
+    proc = subprocess.run([sys.executable, RUNNER, "quantize", f32, tmp_path / "ref.gguf", str(FTYPES[ftype][0]), "0"],
+                          capture_output=True, text=True)
+    assert proc.returncode != 0
+    with pytest.raises(GrokquantError, match="needs an importance matrix") as err:
+        convert(path, tmp_path / "ours.gguf", GGUFRecipe(ftype, ftype))
+    assert "\n" not in str(err.value)
+    cfg = GGUFWeights(f32).config
+    partial = synthetic_imatrix(cfg, ftype, tmp_path / "imatrix.npz")
+    needy = [t.name for t in plan(cfg, GGUFRecipe(ftype, ftype), has_imatrix=True)
+             if requires_imatrix(t.type.name, t.name, ftype)]
+    partial.pop(needy[-1])
+    with pytest.raises(GrokquantError, match="has no entry"):
+        convert(path, tmp_path / "ours.gguf", GGUFRecipe(ftype, ftype), imatrix=partial)
+    assert not list(tmp_path.glob("*ours*")) and not list(tmp_path.glob(".ours*"))

@@ -22,7 +22,7 @@ from grokquant.gguf.file import GGUFWriter, read_gguf
 from grokquant.grok.names import gguf_tensors, release_names
 from grokquant.quant.ggml.base import QUANTIZERS, quantize
 from grokquant.quant.ggml.types import TYPES, GGMLType
-from grokquant.quant.ggml.mixes import FTYPES, fallback, is_quantizable, tensor_type
+from grokquant.quant.ggml.mixes import FTYPES, fallback, is_quantizable, requires_imatrix, tensor_type
 from grokquant.quantize.recipe import GGUFRecipe
 from grokquant.grok.tokenizer import load_tokenizer
 from grokquant.gguf.vocab import CHAT_TEMPLATE, build_vocab
@@ -61,6 +61,24 @@ def choose_type(cfg: GrokConfig, recipe: GGUFRecipe, gname: str, shape, has_imat
 
 
 # ---- metadata -------------------------------------------------------------------------------------
+
+# Header bytes per vocabulary entry when the tokenizer is not at hand (the token string, its type and its
+# share of the merges: about 4.7 MB for a 131,072-token byte-level BPE); under 0.01% of a Grok 2 file.
+VOCAB_HEADER_BYTES = 36
+
+
+def file_bytes(cfg: GrokConfig, recipe: GGUFRecipe, tok=None, has_imatrix: bool = False) -> int:
+    """Bytes of the file `convert` writes (one shard): the header as add_metadata builds it, every tensor and
+    the alignment padding. Without the tokenizer `tok`, the vocabulary's share is estimated."""
+    tensors = plan(cfg, recipe, has_imatrix)
+    w = GGUFWriter(os.devnull)
+    if tok is not None:
+        add_metadata(w, cfg, tok, recipe, "plain", "grok-2")
+    for t in tensors:
+        w.add_tensor(t.name, t.shape, t.type)
+    header = len(w.header_bytes()) + (0 if tok is not None else 2048 + VOCAB_HEADER_BYTES * cfg.vocab_size)
+    last = w.tensors[-1]
+    return header + last.offset + last.nbytes
 
 def add_metadata(w: GGUFWriter, cfg: GrokConfig, tok, recipe: GGUFRecipe, rope: str, name: str) -> None:
     arch = "grok"
@@ -214,6 +232,8 @@ def convert(checkpoint: str | Path, out: str | Path, recipe: GGUFRecipe, rope: s
     tensors = plan(cfg, recipe, has_imatrix=imatrix is not None or recipe.calibrated)
     if imatrix:
         _check_imatrix(imatrix, tensors)
+    if prequantized is None:
+        _check_imatrix_present(imatrix, tensors, recipe.ftype)
     shards = split_plan(tensors, split_max_bytes)
     paths = shard_paths(Path(out), len(shards))
     for p in paths:
@@ -268,6 +288,17 @@ def _check_imatrix(imatrix: dict[str, torch.Tensor], tensors: list[PlannedTensor
         if tuple(imp.shape) != (n_mat, t.shape[-1]):
             raise GrokquantError(f"imatrix entry {t.name} has shape {list(imp.shape)}, "
                                  f"expected {[n_mat, t.shape[-1]]}")
+
+
+def _check_imatrix_present(imatrix: dict[str, torch.Tensor] | None, tensors: list[PlannedTensor],
+                           ftype: str) -> None:
+    """llama-quantize's rule: the lowest-bit types are refused without importance data (their searches
+    give garbage), before anything is written."""
+    for t in tensors:
+        if requires_imatrix(t.type.name, t.name, ftype) and (not imatrix or t.name not in imatrix):
+            what = "the imatrix has no entry for it" if imatrix else "no --imatrix was given"
+            raise GrokquantError(f"{t.name} would be {t.type.name}, which needs an importance matrix, and {what}: "
+                                 f"run `grokquant calibrate --imatrix` first, or `grokquant quantize` with a recipe")
 
 
 def planned_summary(tensors: list[PlannedTensor]) -> dict[str, int]:

@@ -11,7 +11,8 @@ a block:
 2. `sweep="columns"` (default): the block's columns are rounded one by one onto that fixed grid
    (Quantizer.grid: scale · levels[code] + offset, exactly as the dequantizer reads it), each column's
    error spread over the block's later columns at once and over the columns after the block lazily;
-   `sweep="blocks"`: the quantizer's own codes are kept and the block's error is handed on as a whole,
+   `sweep="blocks"` (the lattice types IQ1/IQ2/IQ3, whose codes name 4 or 8 columns at once): the
+   quantizer's own codes are kept and the block's error is handed on as a whole,
    W_R −= (E · U_BB⁻¹) · U_BR — no compensation inside a block;
 3. `refits` > 0: the parameters are fitted again, on the columns as the sweep left them (the targets it
    actually rounded, after the in-block updates), and the block is swept again from the same start;
@@ -89,11 +90,16 @@ class GGMLQuantized(NamedTuple):
 
 @torch.no_grad()
 def gptq_ggml(W: torch.Tensor, H: torch.Tensor, type_name: str, damp: float = 0.01, window: int = 512,
-              overwrite_h: bool = False, sweep: str = "columns", refits: int = 0) -> GGMLQuantized:
-    """W [B, out, in], H [B, in, in] -> GGML bytes; overwrite_h factorises H in its own storage."""
+              overwrite_h: bool = False, sweep: str | None = None, refits: int = 0) -> GGMLQuantized:
+    """W [B, out, in], H [B, in, in] -> GGML bytes; overwrite_h factorises H in its own storage.
+
+    `sweep` defaults to "columns" for types with per-element levels and to "blocks" for the lattice
+    codebooks (IQ1/IQ2/IQ3), whose codes cover 4 or 8 columns jointly."""
+    q = QUANTIZERS[type_name]
+    if sweep is None:
+        sweep = "columns" if q.levels is not None else "blocks"
     if sweep not in ("columns", "blocks"):
         raise ValueError(f"sweep must be 'columns' or 'blocks', not {sweep!r}")
-    q = QUANTIZERS[type_name]
     bs = q.type.block
     B, rows, cols = W.shape
     if cols % bs:
