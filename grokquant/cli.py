@@ -305,8 +305,8 @@ def run(artifact, prompt, max_new_tokens, chat, engine, semantics, temperature, 
 
 @main.command()
 @click.argument("checkpoint", required=False, type=click.Path(exists=True))
-@click.option("--recipe", default="q4_k_m", show_default=True,
-              help="A recipe name or YAML path, or a llama.cpp file type (bf16, q8_0, ...).")
+@click.option("--recipe", help="A recipe name or YAML path, or a llama.cpp file type (bf16, q8_0, ...). "
+              "Without it: every recipe's size, which fit, and the best that fits.")
 @click.option("--gpu", "gpu_memory", default="24GiB", show_default=True, help="Memory of each GPU.")
 @click.option("--gpus", "n_gpus", default=1, show_default=True, help="Number of GPUs (0: CPU only).")
 @click.option("--ram", default="128GiB", show_default=True, help="CPU memory for weights.")
@@ -314,18 +314,36 @@ def run(artifact, prompt, max_new_tokens, chat, engine, semantics, temperature, 
 @click.option("--reserve", default="1GiB", show_default=True, help="Kept free on each GPU (CUDA context, activations).")
 def plan(checkpoint, recipe, gpu_memory, n_gpus, ram, context, reserve):
     """Sizes per tensor class, KV cache and placement over GPUs and RAM (real Grok 2 unless CHECKPOINT)."""
+    from grokquant.grok.tokenizer import load_tokenizer
+    from grokquant.runtime.choose import best, choose, render_choices
     from grokquant.runtime.load import open_source
     from grokquant.runtime.plan import plan as make, render
     from grokquant.runtime.sizes import parse_memory
 
-    cfg = None
+    cfg = tok = None
     if checkpoint:
         with open_source(checkpoint) as source:
             cfg = source.config
-    report = make(recipe, parse_memory(gpu_memory), n_gpus, parse_memory(ram), context, parse_memory(reserve), cfg)
-    click.echo(render(report))
-    if report.problem:
-        raise GrokquantError(f"does not fit: {report.problem}")
+            tok = load_tokenizer(source.tokenizer_path) if source.tokenizer_path else None
+    memory = (parse_memory(gpu_memory), n_gpus, parse_memory(ram), context, parse_memory(reserve))
+    if recipe:
+        report = make(recipe, *memory, cfg, tok)
+        click.echo(render(report))
+        if not report.problem:
+            return
+    from grokquant.grok.config import GrokConfig
+
+    choices = choose(cfg or GrokConfig(), *memory, tok)
+    pick = next((c for c in choices if c.fits and c.kld is not None), None)
+    click.echo(render_choices(choices, pick))
+    if pick is not None:
+        click.echo(f"\nbest that fits: {pick.name} ({pick.report.file_bytes / 1e9:.2f} GB, mean KLD {pick.kld:.5f}); "
+                   f"make it with: {pick.command}\n")
+        click.echo(render(pick.report))
+    if recipe:
+        raise GrokquantError(f"{recipe} does not fit: {report.problem}" +
+                             (f"; the best that fits is {pick.name}" if pick else ""))
+    best(choices)  # none fits: one line, exit 2
 
 
 @main.command(name="eval")

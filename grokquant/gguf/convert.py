@@ -67,6 +67,11 @@ def choose_type(cfg: GrokConfig, recipe: GGUFRecipe, gname: str, shape, has_imat
 VOCAB_HEADER_BYTES = 36
 
 
+def needs_imatrix(cfg: GrokConfig, recipe: GGUFRecipe) -> bool:
+    """Whether the recipe puts a type on some tensor that llama.cpp refuses to make without importance data."""
+    return any(requires_imatrix(t.type.name, t.name, recipe.ftype) for t in plan(cfg, recipe, has_imatrix=True))
+
+
 def file_bytes(cfg: GrokConfig, recipe: GGUFRecipe, tok=None, has_imatrix: bool = False) -> int:
     """Bytes of the file `convert` writes (one shard): the header as add_metadata builds it, every tensor and
     the alignment padding. Without the tokenizer `tok`, the vocabulary's share is estimated."""
@@ -191,8 +196,10 @@ def validate(path: Path, expected: list[PlannedTensor]) -> None:
                 scales = QUANTIZERS[t.type.name].fp16_scales  # a block type's fp16 scale bytes
                 if scales is not None:
                     values, kind = raw.reshape(-1, t.type.block_bytes)[:, scales].copy(), "F16"
-                else:
+                elif t.type.name in _EXPONENT:
                     values, kind = raw, t.type.name
+                else:
+                    continue  # IQ1_M spreads its fp16 scale over four sub-scale nibbles: nothing to read whole
                 if not _all_finite(values, kind):
                     raise GrokquantError(f"{path}: {t.name} has non-finite scales or values")
     finally:

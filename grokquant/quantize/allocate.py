@@ -37,11 +37,12 @@ from grokquant.grok.checkpoint import Checkpoint
 from grokquant.grok.model import PRESETS, Grok2ForCausalLM, rope_cos_sin
 from grokquant.grok.names import gguf_tensors, release_names
 from grokquant.quant.ggml.base import QUANTIZERS
-from grokquant.quant.ggml.mixes import is_quantizable
+from grokquant.quant.ggml.mixes import NEEDS_IMATRIX, is_quantizable
 from grokquant.quant.ggml.types import TYPES
 from grokquant.quant.gptq_ggml import ggml_rtn
 
-CANDIDATES = ("Q2_K", "Q3_K", "IQ4_XS", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
+CANDIDATES = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "Q2_K", "IQ3_XXS", "IQ3_S", "Q3_K", "IQ4_XS", "Q4_K",
+              "Q5_K", "Q6_K", "Q8_0")
 PROBE = "Q3_K"  # large enough an error to measure above float noise, small enough to stay quadratic
 MAX_TOKENS = 4096  # calibration tokens the probes run on
 MAX_LOGIT_ELEMENTS = 1 << 28  # of the reference log-probabilities kept (1 GiB): fewer tokens for a large vocabulary
@@ -159,8 +160,10 @@ def allocatable(ckpt: Checkpoint, fixed: set[str]) -> list[tuple[str, tuple[int,
             if is_quantizable(g, len(s)) and g not in fixed and PROBE in _candidates(s)]
 
 
-def _candidates(shape: tuple[int, ...]) -> list[str]:
-    return [t for t in CANDIDATES if shape[-1] % TYPES[t].block == 0]
+def _candidates(shape: tuple[int, ...], embedding: bool = False) -> list[str]:
+    """Types whose block divides the rows; for the embedding (a row lookup, no column importance) not the
+    ones whose searches need importance."""
+    return [t for t in CANDIDATES if shape[-1] % TYPES[t].block == 0 and not (embedding and t in NEEDS_IMATRIX)]
 
 
 @torch.no_grad()
@@ -190,7 +193,7 @@ def measure(ckpt: Checkpoint, tokens: torch.Tensor, fixed: set[str], batch_size:
             if unseen.any():      # but the quantizer needs some weights to round them
                 imp[unseen] = imp[~unseen].mean(0) if (~unseen).any() else 1.0
         errors = {}
-        for t in _candidates(shape):
+        for t in _candidates(shape, embedding=imp is None):
             errors[t], Q = _weighted_error(W, t, imp, cols, rows)
             if t == PROBE:
                 probe.set_weights({n: Q[i] for i, (n, _) in enumerate(original)})
@@ -223,7 +226,8 @@ def allocate(sens: Sensitivity, shapes: dict[str, tuple[int, ...]], budget: int)
     a greedy fill of the bytes it left."""
     fronts = {g: _front([(TYPES[t].nbytes(shapes[g]), sens.kld(g, t), t) for t in sens.errors[g]])
               for g in sorted(sens.errors)}
-    check_budget({g: shapes[g] for g in fronts}, budget)
+    if sum(f[0][0] for f in fronts.values()) > budget:
+        raise GrokquantError("the target is below the smallest allocation: raise --target-bpw")
     picks = [_fill(fronts, p, budget) for p in (_lagrangian(fronts, budget), _knapsack(fronts, budget))]
     pick = min(picks, key=lambda p: sum(fronts[g][i][1] for g, i in p.items()))
     return {g: fronts[g][i][2] for g, i in sorted(pick.items())}
@@ -231,7 +235,8 @@ def allocate(sens: Sensitivity, shapes: dict[str, tuple[int, ...]], budget: int)
 
 def check_budget(shapes: dict[str, tuple[int, ...]], budget: int) -> None:
     """Refuse a budget below every tensor at its smallest candidate (before anything is measured)."""
-    smallest = sum(min(TYPES[t].nbytes(s) for t in _candidates(s)) for s in shapes.values())
+    smallest = sum(min(TYPES[t].nbytes(s) for t in _candidates(s, g.startswith("token_embd")))
+                   for g, s in shapes.items())
     if smallest > budget:
         raise GrokquantError(f"the target is below the smallest allocation ({smallest} bytes of weights "
                              f"for {budget} allowed): raise --target-bpw")

@@ -20,6 +20,7 @@ from grokquant.grok.config import GrokConfig, expert_name
 from grokquant.grok.names import DENSE_LINEARS, all_tokens, expert_group, gguf_name, stack_groups
 from grokquant.grok.model import gelu
 from grokquant.quant.ggml.base import QUANTIZERS
+from grokquant.quant.ggml.mixes import NEEDS_IMATRIX
 from grokquant.quant.gptq import IntQuantConfig, IntQuantized, gptq, rtn
 from grokquant.quant.gptq_ggml import ggml_rtn, gptq_ggml
 from grokquant.quantize.recipe import GGUFRecipe, GPTQRecipe
@@ -244,7 +245,10 @@ def quantize_ggml(item: Item, s: Stack, recipe: GGUFRecipe, type_name: str) -> L
     def dequant(d):
         return q.dequantize(d.reshape(-1, d.shape[-1]), W.shape[2]).view(W.shape)
 
-    reference = ggml_rtn(W, type_name)
+    # llama-quantize's rounding without data for a matrix; the lattice types cannot search without
+    # importance, and llama-quantize gives an expert that saw no tokens 1.0 for every column
+    unit = torch.ones(W.shape[0], W.shape[2]) if type_name in NEEDS_IMATRIX else None
+    reference = ggml_rtn(W, type_name, unit)
     rtn_error = hessian_error(W, dequant(reference), s.H)  # before GPTQ factorises an owned Hessian
     if recipe.method == "gptq" and not all(s.fallback):
         data, error = gptq_ggml(W, s.H, type_name, recipe.damp, overwrite_h=s.owns_h, refits=recipe.refits)

@@ -41,13 +41,13 @@ class ClassSize:
         return 8 * self.nbytes / self.params if self.params else 0.0
 
 
-def class_sizes(cfg: GrokConfig, recipe) -> dict[str, ClassSize]:
+def class_sizes(cfg: GrokConfig, recipe, has_imatrix: bool = False) -> dict[str, ClassSize]:
     """Artifact bytes per tensor class: the GGUF file, or the GPTQ safetensors."""
     out = {c: ClassSize() for c in CLASSES}
     if isinstance(recipe, GGUFRecipe):
         from grokquant.gguf.convert import plan as gguf_plan
 
-        for t in gguf_plan(cfg, recipe):
+        for t in gguf_plan(cfg, recipe, has_imatrix):
             s = out[tensor_class(t.name)]
             s.params += math.prod(t.shape)
             s.nbytes += t.nbytes
@@ -62,7 +62,7 @@ def class_sizes(cfg: GrokConfig, recipe) -> dict[str, ClassSize]:
     return out
 
 
-def runtime_bytes(cfg: GrokConfig, recipe, kv_bytes: int = 2) -> ModelBytes:
+def runtime_bytes(cfg: GrokConfig, recipe, kv_bytes: int = 2, has_imatrix: bool = False) -> ModelBytes:
     """Bytes per placeable part as the runtime holds them (llama.cpp for GGUF, our loader for GPTQ)."""
     from grokquant.runtime.qlinear import linear_bytes
 
@@ -70,7 +70,7 @@ def runtime_bytes(cfg: GrokConfig, recipe, kv_bytes: int = 2) -> ModelBytes:
     if isinstance(recipe, GGUFRecipe):
         from grokquant.gguf.convert import plan as gguf_plan
 
-        for t in gguf_plan(cfg, recipe):
+        for t in gguf_plan(cfg, recipe, has_imatrix):
             for src in t.sources:
                 per_name[src] = t.nbytes // len(t.sources)
     else:
@@ -159,10 +159,16 @@ class PlanReport:
     placement: Placement | None = None
     problem: str | None = None
     flags: list[str] = field(default_factory=list)
+    file_bytes: int = 0  # the artifact on disk: for GGUF the header and alignment too
+    needs_imatrix: bool = False  # GGUF types llama.cpp refuses to make without importance data
 
     @property
     def total_bytes(self) -> int:
         return sum(s.nbytes for s in self.classes.values())
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.total_bytes / sum(s.params for s in self.classes.values())
 
     @property
     def kv_bytes(self) -> int:
@@ -170,11 +176,22 @@ class PlanReport:
 
 
 def make_plan(cfg: GrokConfig, recipe, gpu_bytes: int, n_gpus: int, ram_bytes: int, context: int = 4096,
-              gpu_reserve: int = GiB) -> PlanReport:
+              gpu_reserve: int = GiB, tok=None) -> PlanReport:
+    """`tok`: the checkpoint's tokenizer, for the exact GGUF header size (else estimated)."""
     memory = {f"cuda:{i}": gpu_bytes for i in range(n_gpus)}
     memory["cpu"] = ram_bytes
-    sizes = runtime_bytes(cfg, recipe)
-    report = PlanReport(cfg, recipe, class_sizes(cfg, recipe), sizes, context, memory, gpu_reserve)
+    needs = has_imatrix = False
+    if isinstance(recipe, GGUFRecipe):
+        from grokquant.gguf.convert import file_bytes, needs_imatrix
+
+        # a type that needs importance data is made with it, and the mixes' imatrix rules then apply
+        needs = needs_imatrix(cfg, recipe)
+        has_imatrix = recipe.calibrated or needs
+    sizes = runtime_bytes(cfg, recipe, has_imatrix=has_imatrix)
+    report = PlanReport(cfg, recipe, class_sizes(cfg, recipe, has_imatrix), sizes, context, memory, gpu_reserve,
+                        needs_imatrix=needs)
+    report.file_bytes = file_bytes(cfg, recipe, tok, has_imatrix) if isinstance(recipe, GGUFRecipe) \
+        else report.total_bytes
     try:
         report.placement = plan_placement(sizes, memory, context, gpu_reserve)
         report.flags = llama_cpp_flags(report.placement, cfg.num_hidden_layers, context)
@@ -249,8 +266,8 @@ def render(report: PlanReport) -> str:
 
 
 def plan(recipe: str, gpu: int, gpus: int, ram: int, context: int = 4096, gpu_reserve: int = GiB,
-         cfg: GrokConfig | None = None) -> PlanReport:
+         cfg: GrokConfig | None = None, tok=None) -> PlanReport:
     """The report for a recipe name/path on the real Grok 2 (or `cfg`)."""
     if gpus < 0:
         raise GrokquantError("--gpus must be 0 or more")
-    return make_plan(cfg or GrokConfig(), recipe_from(recipe), gpu, gpus, ram, context, gpu_reserve)
+    return make_plan(cfg or GrokConfig(), recipe_from(recipe), gpu, gpus, ram, context, gpu_reserve, tok)

@@ -1,0 +1,224 @@
+"""IQ3_XXS and IQ3_S against ggml itself (ggml_quantize_chunk via ctypes) and gguf-py's dequantizers.
+
+ggml's C quantizers are plain scalar code: their bytes, and ours, do not depend on the CPU. Neither type
+requires an importance matrix (quantize_row_iq3_xxs_impl / _s_impl weight by x^2 without one): both paths
+are compared.
+"""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from grokquant.quant.ggml import iq3
+from grokquant.quant.ggml.base import QUANTIZERS, Scratch
+from grokquant.quant.ggml.reference import ggml_quantize, ggml_validate
+
+TYPES = ["IQ3_XXS", "IQ3_S"]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def edge_matrix(rows: int, n: int, seed: int) -> np.ndarray:
+    """Gaussian rows plus the awkward cases, each spread over whole 256-blocks and 32-element groups."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((rows, n)).astype(np.float32)
+    k = rows // 10 or 1
+    x[k:2 * k] *= rng.standard_t(2, size=(k, n)).astype(np.float32) ** 2  # heavy tails
+    x[2 * k:3 * k, rng.integers(0, n, 8)] = 1e4 * rng.standard_normal(8).astype(np.float32)  # outliers
+    x[3 * k:4 * k] *= np.float32(10.0) ** rng.integers(-30, -6, size=(k, 1)).astype(np.float32)  # tiny
+    x[4 * k:5 * k] = -np.abs(x[4 * k:5 * k])  # negative only: every sign byte odd for IQ3_XXS to fix
+    pieces = rng.choice(np.float32([0.5, -2.0, 0.0, 3e-9, 7.0]), size=(k, n // 4))
+    x[5 * k:6 * k] = np.repeat(pieces, 4, axis=1)  # constant quads: ties between neighbours
+    x[6 * k:7 * k] = np.round(x[6 * k:7 * k] * 2) / 2  # few distinct values: ties
+    z = rng.random((rows, n // 32)) < 0.06  # zero groups everywhere (IQ3_S packs the others up)
+    x.reshape(rows, -1, 32)[z] = 0
+    x[7 * k, : min(n, 256)] = 0  # an all-zero block
+    x[7 * k + 1:8 * k, : min(n, 256)] *= np.float32(3e-9)  # blocks around GROUP_MAX_EPS_IQ3_XXS (1e-8)
+    return x
+
+
+def imatrix(n: int, seed: int) -> np.ndarray:
+    """Column weights spanning 12 orders of magnitude, with zero columns and one zero 32-group."""
+    rng = np.random.default_rng(seed)
+    w = (10.0 ** rng.uniform(-6, 6, n)).astype(np.float32)
+    w[rng.random(n) < 0.05] = 0
+    w[32:64] = 0
+    return w
+
+
+def compare(name: str, x: np.ndarray, imat: np.ndarray | None) -> float:
+    """Identical-block fraction of ours vs ggml; differing blocks must be no worse in weighted squared error."""
+    q = QUANTIZERS[name]
+    ref = ggml_quantize(name, x, imat)
+    ours = q.quantize(torch.from_numpy(x), None if imat is None else torch.from_numpy(imat)).numpy()
+    assert ours.shape == ref.shape and ours.dtype == np.uint8
+    assert ggml_validate(name, ours)
+    bb = q.type.block_bytes
+    same = (ours.reshape(-1, bb) == ref.reshape(-1, bb)).all(1)
+    frac = float(same.mean())
+    print(f"{name} n={x.shape[1]} {'imatrix' if imat is not None else 'plain'}: "
+          f"{same.sum()}/{same.size} blocks identical ({frac:.6f})")
+    if not same.all():
+        w = np.ones(x.shape[1], np.float32) if imat is None else imat
+        w = np.broadcast_to(w, x.shape).reshape(same.size, -1)
+        xb = x.reshape(same.size, -1)
+
+        def err(data):
+            y = q.dequantize(torch.from_numpy(data), x.shape[1]).numpy().reshape(same.size, -1)
+            return (w * (xb - y) ** 2).astype(np.float64).sum(1)
+
+        e_ours, e_ref = err(ours), err(ref)
+        assert np.all(e_ours[~same] <= e_ref[~same] * (1 + 1e-6)), "a differing block is worse than ggml's"
+    assert frac >= 0.999
+    return frac
+
+
+SHAPES = [(256, 256), (96, 2048), (48, 4096)]
+IMATRIX = {"plain": None, "imatrix-a": 1, "imatrix-b": 2}
+
+
+@pytest.mark.parametrize("name", TYPES)
+@pytest.mark.parametrize("rows,n", SHAPES)
+@pytest.mark.parametrize("path", IMATRIX)
+def test_edge_matrix_matches_ggml(name, rows, n, path):
+    imat = None if IMATRIX[path] is None else imatrix(n, seed=n + IMATRIX[path])
+    assert compare(name, edge_matrix(rows, n, seed=n + 3), imat) == 1.0
+
+
+@pytest.mark.parametrize("name", TYPES)
+@pytest.mark.parametrize("rows,n", SHAPES)
+@pytest.mark.parametrize("path", ["plain", "imatrix-a"])
+def test_gaussian_matches_ggml(name, rows, n, path):
+    x = np.random.default_rng(n).standard_normal((rows // 2, n)).astype(np.float32)
+    imat = None if IMATRIX[path] is None else imatrix(n, seed=n + 7)
+    assert compare(name, x, imat) == 1.0
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_constant_and_zero_rows(name):
+    x = np.zeros((10, 512), np.float32)
+    x[1], x[2], x[3] = 1.0, -3.5, 1e-30
+    x[4, ::2] = -1.0
+    x[5, 7] = 2.0  # one element: every other group of its block is zero
+    x[6] = np.tile([1.0, -1.0], 256)
+    x[7, 100:110] = 5.0
+    x[7, 300:301] = -1e-9  # a group below IQ3_XXS's threshold next to zero ones
+    x[8] = np.float32(1e-39) * np.arange(512)  # subnormal
+    x[9] = np.linspace(-8, 8, 512, dtype=np.float32)
+    for imat in [None, np.ones(512, np.float32), np.zeros(512, np.float32), imatrix(512, seed=3)]:
+        assert compare(name, x, imat) == 1.0
+
+
+def c_neighbour(name: str, words, x4, w4, s) -> np.ndarray:
+    """iq3_find_best_neighbour as written in C, in float32: the first listed neighbour of least
+    sum_i w_i*(scale*q_i - x_i)^2, accumulated from 0 in coordinate order."""
+    from grokquant.quant.ggml.iq_grids import grid
+
+    g = grid(name)
+    nb = g.neighbours.numpy()[words]  # [n, most], -1 padded
+    vals = g.values.numpy().astype(np.float32)
+    best = np.full(len(words), np.finfo(np.float32).max, np.float32)
+    pick = np.full(len(words), -1)
+    for j in range(nb.shape[1]):
+        ok = nb[:, j] >= 0
+        q = vals[np.where(ok, nb[:, j], 0)]  # [n, 4]
+        d2 = np.zeros(len(words), np.float32)
+        for i in range(4):
+            diff = (s * q[:, i]).astype(np.float32) - x4[:, i]
+            d2 = d2 + (w4[:, i] * diff) * diff
+        better = ok & (d2 < best)
+        best = np.where(better, d2, best)
+        pick = np.where(better, nb[:, j], pick)
+    return pick
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_trial_neighbours_match_c_loop(name):
+    """The certified runs (`_snap`): the point of every off-grid quad at every trial equals C's loop."""
+    rng = np.random.default_rng(17)
+    x = rng.standard_normal((64, 256)).astype(np.float32)
+    x[::3] = np.round(x[::3] * 2) / 2  # ties
+    qw = (10.0 ** rng.uniform(-3, 3, (64, 256))).astype(np.float32)
+    qw[rng.random(qw.shape) < 0.1] = 0  # zero weights: exact ties
+    lat = iq3._lattice(name)
+    X = iq3.elements(torch.from_numpy(x), 32)
+    xval = X.abs()
+    W = iq3._weights(torch.from_numpy(x), torch.from_numpy(qw))
+    Wa = iq3.sqrtf_(W.clone())
+    G, T = X.shape[1], QUANTIZERS[name].trials.shape[0]
+    idv = QUANTIZERS[name].trials / xval.amax(0)
+    L = (xval.view(8, 4, 1, G) * (idv * 0.5).view(1, 1, T, G)).sub_(0.5).round_().clamp_(0, 7)
+    buf = Scratch(torch.device("cpu"))
+    u = iq3._words(L, buf, "u").transpose(1, 2).reshape(8 * G, T).contiguous()
+    S = (1 / idv).t().expand(8, G, T).reshape(8 * G, T).contiguous()
+    Xq = xval.view(8, 4, G).transpose(0, 1).reshape(4, 8 * G)
+    Wq = Wa.view(8, 4, G).transpose(0, 1).reshape(4, 8 * G)
+    P = iq3._snap(lat, u, Xq, Wq, S, buf).numpy().reshape(-1)
+    uf = u.numpy().reshape(-1)
+    off = np.flatnonzero(lat.index.numpy()[uf] < 0)
+    q = off // T
+    ref = c_neighbour(name, uf[off], Xq.t().numpy()[q], Wq.t().numpy()[q], S.numpy().reshape(-1)[off])
+    assert len(off) > 10000
+    np.testing.assert_array_equal(P[off], ref)
+
+
+def random_blocks(name: str, rows: int, n: int, seed: int) -> np.ndarray:
+    """Arbitrary bytes with a finite fp16 super-scale (NaN payloads need not survive both computations alike)."""
+    rng = np.random.default_rng(seed)
+    t = QUANTIZERS[name].type
+    data = rng.integers(0, 256, (rows * n // t.block, t.block_bytes), dtype=np.uint8)
+    data[:, 0:2] = rng.uniform(-2, 2, (len(data), 1)).astype(np.float16).view(np.uint8)
+    return data.reshape(rows, -1)
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_dequantize_matches_gguf(name):
+    for data in [ggml_quantize(name, edge_matrix(20, 2048, seed=9)), random_blocks(name, 20, 2048, seed=3)]:
+        ours = QUANTIZERS[name].dequantize(torch.from_numpy(data), 2048).numpy()
+        ref = gguf.quants.dequantize(data, getattr(gguf.GGMLQuantizationType, name)).reshape(ours.shape)
+        np.testing.assert_array_equal(ours.view(np.uint32), ref.astype(np.float32).view(np.uint32))
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_chunks_and_threads_give_the_same_bytes(name, monkeypatch):
+    x = torch.from_numpy(edge_matrix(12, 1024, seed=21))
+    im = torch.from_numpy(imatrix(1024, seed=22))
+    q = QUANTIZERS[name]
+    whole = q.quantize(x, im)
+    monkeypatch.setattr(q, "chunk", 5)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        split = q.quantize(x, im)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(whole, split)
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_empty_input(name):
+    q = QUANTIZERS[name]
+    data = q.quantize(torch.zeros(0, 512))
+    assert data.shape == (0, q.type.row_bytes(512)) and data.dtype == torch.uint8
+    assert q.dequantize(data, 512).shape == (0, 512)
+
+
+@pytest.mark.parametrize("name,limit", [("IQ3_XXS", 0.22), ("IQ3_S", 0.18)])
+def test_gaussian_error_level(name, limit):
+    t = torch.from_numpy(np.random.default_rng(1).standard_normal((16, 4096)).astype(np.float32))
+    y = QUANTIZERS[name].dequantize(QUANTIZERS[name].quantize(t), 4096)
+    rel = float((y - t).norm() / t.norm())
+    print(f"{name}: relative RMSE {rel:.4f}")
+    assert rel < limit
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", TYPES)
+def test_large_random_sweep(name):
+    """A 4096 x 4096 edge matrix (65536 super-blocks), plain and imatrix paths."""
+    x = edge_matrix(4096, 4096, seed=11)
+    assert compare(name, x, None) == 1.0
+    assert compare(name, x, imatrix(4096, seed=12)) == 1.0
