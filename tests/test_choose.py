@@ -55,7 +55,7 @@ def test_nothing_fits_is_one_line():
     assert result.output.strip().splitlines()[-1].startswith("error: no measured recipe fits")
 
 
-@pytest.mark.parametrize("ftype", ["q4_k_m", "q2_k", "iq4_xs", "iq3_s", "iq2_xxs", "iq1_s"])
+@pytest.mark.parametrize("ftype", ["q4_k_m", "q2_k", "iq4_xs", "iq3_s", "iq2_xxs", "iq1_s", "iq1_m"])
 def test_planned_size_is_what_convert_writes(tiny_tp8, tmp_path, ftype):
     """At small widths the header is a visible share of the file: with the checkpoint's tokenizer the plan
     counts it exactly; without it (the real model's default) the estimate stays within 2%."""

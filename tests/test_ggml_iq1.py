@@ -120,15 +120,13 @@ def test_constant_and_zero_rows(name):
 
 
 def test_select_matches_sequential_loop():
-    """`_select` (near-best candidates only) against C's loop over every candidate, on scores with exact and
-    near ties: groups of repeated values and dominant weights."""
+    """`_select` (the candidates near the best only) against C's loop over every candidate, on scores with exact
+    and near ties: repeated values, zero and dominant weights, tiny rows."""
     rng = np.random.default_rng(8)
-    x = np.round(rng.standard_normal((4, 256)) * 2).astype(np.float32) / 2
-    w = (10.0 ** rng.uniform(-3, 3, 256)).astype(np.float32)
-    w[rng.random(256) < 0.2] = 0
-    X, Q = torch.from_numpy(x), torch.from_numpy(np.tile(w, (4, 1)))
-    for name, n in (("IQ1_S", 32), ("IQ1_M", 16)):
-        q = QUANTIZERS[name]
+    x = np.concatenate([np.round(rng.standard_normal((8, 256)) * 2) / 2, edge_matrix(16, 256, seed=8)])
+    w = imatrix(256, seed=8)
+    X, Q = torch.from_numpy(x.astype(np.float32)), torch.from_numpy(w)
+    for name in TYPES:
         seen = {}
         orig = iq1._select
 
@@ -138,7 +136,7 @@ def test_select_matches_sequential_loop():
 
         iq1._select = spy
         try:
-            q.quantize(X, torch.from_numpy(w))
+            QUANTIZERS[name].quantize(X, Q)
         finally:
             iq1._select = orig
         stripmax, sc, skip = seen["args"]
@@ -182,12 +180,14 @@ def test_dequantize_matches_gguf(name):
 
 @pytest.mark.parametrize("name", TYPES)
 def test_chunks_and_threads_give_the_same_bytes(name, monkeypatch):
+    """Chunks, score blocks and slices of groups replayed in full (the tiny rows) change no byte."""
     x = torch.from_numpy(edge_matrix(16, 1024, seed=10))
     im = torch.from_numpy(imatrix(1024, seed=10))
     q = QUANTIZERS[name]
     whole = q.quantize(x, im)
     monkeypatch.setattr(q, "chunk", 3)
     monkeypatch.setattr(iq1, "ROW_BLOCK", 40)
+    monkeypatch.setattr(iq1, "FULL_SLICE", 2)
     torch.set_num_threads(2)  # two worker threads over the chunks
     try:
         assert torch.equal(q.quantize(x, im), whole)

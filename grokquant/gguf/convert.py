@@ -196,10 +196,11 @@ def validate(path: Path, expected: list[PlannedTensor]) -> None:
                 scales = QUANTIZERS[t.type.name].fp16_scales  # a block type's fp16 scale bytes
                 if scales is not None:
                     values, kind = raw.reshape(-1, t.type.block_bytes)[:, scales].copy(), "F16"
-                elif t.type.name in _EXPONENT:
-                    values, kind = raw, t.type.name
+                elif hasattr(QUANTIZERS[t.type.name], "fp16_scale_bytes"):  # IQ1_M: spread over nibbles
+                    blocks = torch.from_numpy(raw.reshape(-1, t.type.block_bytes).copy())
+                    values, kind = QUANTIZERS[t.type.name].fp16_scale_bytes(blocks).numpy(), "F16"
                 else:
-                    continue  # IQ1_M spreads its fp16 scale over four sub-scale nibbles: nothing to read whole
+                    values, kind = raw, t.type.name
                 if not _all_finite(values, kind):
                     raise GrokquantError(f"{path}: {t.name} has non-finite scales or values")
     finally:

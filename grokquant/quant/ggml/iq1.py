@@ -9,7 +9,8 @@ one algorithm, run here on every group of a chunk at once:
 3. keep the candidate that C's sequential `sumqx^2 > best*sumq2` loop keeps (`_select`);
 4. round each 8-element word onto the 2048-point grid (iq1_find_best_neighbour2 for off-grid words, `_onto_grid`),
    refit the group scale, and pack the 3-bit group scales against the block scale.
-Candidate order, sums and tie rules follow the C; the test file checks the bytes against ggml's.
+Candidate order, sums and tie rules follow the C (IQ1_M scores with the per-half prefix sums of ggml's current
+quantize_row_iq1_m_impl); the test file checks the bytes against ggml's. The searches run on the CPU.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ GAP = 2.0 ** -18
 RELS = (2.0 ** -14, 2.0 ** -8)
 TINY = 1e-36
 ROW_BLOCK = 1024  # groups per pass of the score loops: their temporaries stay in L2
+FULL_SLICE = 256  # groups replayed in full at a time (their candidates' sums take memory)
 
 
 # ---- scoring every split ----------------------------------------------------------------------------------
@@ -122,43 +124,14 @@ _scripted(_iq1s_rows)  # compiled at import, while the source file is fresh (see
 _scripted(_iq1m_rows)
 
 
-class _IQ1S:
-    """quantize_row_iq1_s_impl's sums in C's operation order, from the prefix sums S, W [33, G]:
-    sumqx = (S[i1]-S[0])*x[0] + (S[i2]-S[i1])*x[1] + (S[32]-S[i2])*x[2], sumq2 alike with W and x^2.
+def _iq1s_sums(r1, r2, tot, xv):
+    """quantize_row_iq1_s_impl's sumqx = (S[i1]-S[0])*x[0] + (S[i2]-S[i1])*x[1] + (S[32]-S[i2])*x[2] and sumq2
+    alike with W and x^2, in C's operation order. r1, r2, tot: (S, W) at i1, i2, 32; xv: the level values.
     S[0] = W[0] = +0.0 and S[i1] is never -0.0, so S[i1] - S[0] is S[i1]."""
-
-    def __init__(self, S: torch.Tensor, W: torch.Tensor):
-        self.S, self.W, self.G = S, W, S.shape[1]
-        self.cand = _candidates(32, 2)
-
-    @property
-    def rows(self) -> torch.Tensor:  # [33*G, 2] (S, W): one gather per candidate
-        if not hasattr(self, "_rows"):
-            self._rows = torch.stack([self.S, self.W], 2).view(-1, 2)
-        return self._rows
-
-    @staticmethod
-    def sums(S1, W1, S2, W2, T, TW, xv):
-        a, b, c = xv.unbind(-1)
-        return ((S1 * a + (S2 - S1) * b) + (T - S2) * c,
-                ((W1 * a) * a + ((W2 - W1) * b) * b) + ((TW - W2) * c) * c)
-
-    def exact(self, p, g):
-        """(sumqx, sumq2) of candidates p of groups g."""
-        c = self.cand
-        r1 = self.rows.index_select(0, c["i1"].index_select(0, p) * self.G + g)
-        r2 = self.rows.index_select(0, c["i2"].index_select(0, p) * self.G + g)
-        return self.sums(r1[:, 0], r1[:, 1], r2[:, 0], r2[:, 1], self.S[32].index_select(0, g),
-                         self.W[32].index_select(0, g), XS.index_select(0, c["variant"].index_select(0, p)))
-
-    def strip(self, s):
-        """(sumqx, sumq2) [33 (i2), G] along strip s [G] of every group, and the strips' i1 [G]."""
-        c = self.cand
-        i1 = c["strip_i1"].index_select(0, s)
-        at = i1 * self.G + torch.arange(self.G)
-        S1, W1 = self.S.view(-1).index_select(0, at), self.W.view(-1).index_select(0, at)
-        xv = XS.index_select(0, c["strip_variant"].index_select(0, s))
-        return self.sums(S1, W1, self.S, self.W, self.S[32], self.W[32], xv), i1
+    (S1, W1), (S2, W2), (T, TW) = r1[:2], r2[:2], tot[:2]
+    a, b, c = xv[:, 0], xv[:, 1], xv[:, 2]
+    return ((S1 * a + (S2 - S1) * b) + (T - S2) * c,
+            ((W1 * a) * a + ((W2 - W1) * b) * b) + ((TW - W2) * c) * c)
 
 
 M_V2 = XS[:, 2]  # quantize_row_iq1_m_impl's p2, m2
@@ -169,42 +142,41 @@ M_K = torch.stack([torch.stack([M_V2[k >> 1], M_C1[k >> 1], M_C2[k >> 1], M_V2[k
                    for k in range(4)])
 
 
-class _IQ1M:
-    """quantize_row_iq1_m_impl's sums in C's operation order, from the prefix sums per half P, PW [2, 17, G]: per
-    half qx = txs*v[2] - (px[i1] + px[i2]), q2 = tws*v[2]*v[2] + pw[i1]*c1 + pw[i2]*c2; then half 0 + half 1."""
+def _iq1m_sums(r1, r2, tot, k):
+    """quantize_row_iq1_m_impl's per half qx = txs*v[2] - (px[i1] + px[i2]), q2 = tws*v[2]*v[2] + pw[i1]*c1 +
+    pw[i2]*c2, then half 0 + half 1. r1, r2, tot: (px0, px1, pw0, pw1) at i1, i2, 16; k: M_K rows."""
+    sx, s2 = [], []
+    for h in range(2):
+        v2, c1, c2 = k[:, 3 * h], k[:, 3 * h + 1], k[:, 3 * h + 2]
+        sx.append(tot[h] * v2 - (r1[h] + r2[h]))
+        s2.append((((tot[2 + h] * v2) * v2) + r1[2 + h] * c1) + r2[2 + h] * c2)
+    return sx[0] + sx[1], s2[0] + s2[1]
 
-    def __init__(self, pre: torch.Tensor):
-        self.pre, self.G = pre, pre.shape[2]  # [px0, px1, pw0, pw1] x [17, G]
-        self.cand = _candidates(16, 4)
 
-    @property
-    def rows(self) -> torch.Tensor:  # [17*G, 4]: one gather per candidate
-        if not hasattr(self, "_rows"):
-            self._rows = self.pre.permute(1, 2, 0).reshape(-1, 4)
-        return self._rows
+class _Sums:
+    """Candidates' (sumqx, sumq2) in C's operation order from the prefix sums pre [k, n+1, G] (`sums` is
+    _iq1s_sums or _iq1m_sums, `consts` its per-variant constants)."""
 
-    @staticmethod
-    def sums(r1, r2, tot, k):
-        """r1, r2, tot: (px0, px1, pw0, pw1) at i1, i2 and 16; k: M_K rows."""
-        sx, s2 = [], []
-        for h in range(2):
-            v2, c1, c2 = k[:, 3 * h], k[:, 3 * h + 1], k[:, 3 * h + 2]
-            sx.append(tot[h] * v2 - (r1[h] + r2[h]))
-            s2.append((((tot[2 + h] * v2) * v2) + r1[2 + h] * c1) + r2[2 + h] * c2)
-        return sx[0] + sx[1], s2[0] + s2[1]
+    def __init__(self, pre: torch.Tensor, variants: int, sums, consts: torch.Tensor):
+        self.pre, self.n, self.G = pre, pre.shape[1] - 1, pre.shape[2]
+        self.flat = pre.view(pre.shape[0], -1)
+        self.cand, self.sums, self.consts = _candidates(self.n, variants), sums, consts
 
     def exact(self, p, g):
+        """Of candidates p of groups g: [len(p)] each."""
         c = self.cand
-        r1 = self.rows.index_select(0, c["i1"].index_select(0, p) * self.G + g).unbind(1)
-        r2 = self.rows.index_select(0, c["i2"].index_select(0, p) * self.G + g).unbind(1)
-        tot = self.rows.index_select(0, 16 * self.G + g).unbind(1)
-        return self.sums(r1, r2, tot, M_K.index_select(0, c["variant"].index_select(0, p)))
+        r1 = self.flat.index_select(1, c["i1"].index_select(0, p) * self.G + g)
+        r2 = self.flat.index_select(1, c["i2"].index_select(0, p) * self.G + g)
+        return self.sums(r1, r2, self.pre[:, self.n].index_select(1, g),
+                         self.consts.index_select(0, c["variant"].index_select(0, p)))
 
     def strip(self, s):
+        """Along strip s [G] of every group: [n+1 (i2), G] each, and the strips' i1 [G]."""
         c = self.cand
         i1 = c["strip_i1"].index_select(0, s)
-        r1 = self.pre.view(4, -1).index_select(1, i1 * self.G + torch.arange(self.G))
-        return self.sums(r1, self.pre, self.pre[:, 16], M_K.index_select(0, c["strip_variant"].index_select(0, s))), i1
+        r1 = self.flat.index_select(1, i1 * self.G + torch.arange(self.G))
+        return self.sums(r1, self.pre, self.pre[:, self.n],
+                         self.consts.index_select(0, c["strip_variant"].index_select(0, s))), i1
 
 
 # ---- the C loop's choice ------------------------------------------------------------------------------------
@@ -253,7 +225,7 @@ def _select(stripmax: torch.Tensor, sc, skip: torch.Tensor):
     into "top" ones >= t and the rest < t*(1 - GAP), the first top one is taken whatever was kept before it, no
     later other one can be, and replaying the top ones alone in C order gives C's choice. Mostly the top is a
     single candidate, the best of the best strip (stripmax [strips, G]); otherwise it is cut at the highest such
-    gap among the scores within rel of the best. `sc` (_IQ1S / _IQ1M) recomputes scores and sums in C's order.
+    gap among the scores within rel of the best. `sc` (_Sums) recomputes sums in C's order.
     Groups without such a gap, or with scores too small for rounding to stay relative, replay all candidates."""
     cand = sc.cand
     G = stripmax.shape[1]
@@ -300,29 +272,36 @@ def _select(stripmax: torch.Tensor, sc, skip: torch.Tensor):
         n = len(pending)
         cut = torch.full((n,), len(j), dtype=torch.int64).scatter_reduce_(
             0, j, torch.where(nxt < sv * f32(1 - GAP), i, len(j)), "amin")
-        top = i <= cut[j]
-        weak = top & ~((sv >= TINY) & (sx * sx >= TINY) & (sv <= FLT_MAX))
-        ok = torch.zeros(n, dtype=torch.bool)
-        ok[j[top]] = True
-        tiny = torch.zeros(n, dtype=torch.bool)
-        tiny[j[weak]] = True
-        done = (top & ok[j] & ~tiny[j]).nonzero().squeeze(1)
+        ok = cut < len(j)  # a gap was found
+        top = (i <= cut[j]) & ok[j]
+        tiny = torch.zeros(n, dtype=torch.bool)  # rounding may not be relative there: replay all
+        tiny[j[top & ~((sv >= TINY) & (sx * sx >= TINY) & (sv <= FLT_MAX))]] = True
+        done = (top & ~tiny[j]).nonzero().squeeze(1)
         found.append((sp[done], pending[j[done]], sx[done], s2[done]))
         full.append(pending[tiny])
         pending = pending[~ok & ~tiny]
     full = torch.cat(full + [pending])
-    if len(full):  # every valid candidate of these groups
-        sp, g = torch.arange(R).repeat(len(full)), full.repeat_interleave(R)
+    for f in range(0, len(full), FULL_SLICE):  # every valid candidate of these groups, a slice at a time
+        gs = full[f:f + FULL_SLICE]
+        sp, g = torch.arange(R).repeat(len(gs)), gs.repeat_interleave(R)
         sx, s2 = sc.exact(sp, g)
         ok = (s2 > 0).nonzero().squeeze(1)
         found.append((sp[ok], g[ok], sx[ok], s2[ok]))
-    if found:
-        sp, g, sx, s2 = (torch.cat(t) for t in zip(*found))
-        e = _replay(g, cand["rank"][sp], sx, s2, G)
-        hit = (e >= 0).nonzero().squeeze(1)
-        e = e[hit]
-        pos[hit], qx[hit], q2[hit] = sp[e], sx[e], s2[e]
+        _keep(found, pos, qx, q2, cand, G)
+    _keep(found, pos, qx, q2, cand, G)
     return pos, qx, q2
+
+
+def _keep(found: list, pos, qx, q2, cand, G: int) -> None:
+    """Replay the listed candidates (and empty the list) into each group's (pos, qx, q2)."""
+    if not found:
+        return
+    sp, g, sx, s2 = (torch.cat(t) for t in zip(*found))
+    found.clear()
+    e = _replay(g, cand["rank"][sp], sx, s2, G)
+    hit = (e >= 0).nonzero().squeeze(1)
+    e = e[hit]
+    pos[hit], qx[hit], q2[hit] = sp[e], sx[e], s2[e]
 
 
 # ---- onto the grid ------------------------------------------------------------------------------------------
@@ -550,14 +529,15 @@ class IQ1_S(Quantizer, name="IQ1_S"):
         xg = x.view(G, 32)
         wg = _weights(x, qw).view(G, 32)
         skip, order, wx, ws = _sorted_terms(xg, wg, GROUP_MAX_EPS_IQ1_S)
-        S, W = _scripted(_prefix)(torch.stack([wx, ws])).unbind(0)
+        pre = _scripted(_prefix)(torch.stack([wx, ws]))
+        S, W = pre.unbind(0)
         x0, x2 = XS[:, 0, None, None], XS[:, 2, None, None]
         A, C = S * x0, (S[32] - S) * x2
         AW, CW = (W * x0) * x0, ((W[32] - W) * x2) * x2
         B = min(G, ROW_BLOCK)
         stripmax = _scripted(_iq1s_rows)(S, W, A, C, AW, CW, buf("d", 33 * B), buf("qx", 66 * B),
                                          buf("y", 66 * B), buf("stripmax", 33, 2, G), DELTA, DELTA * DELTA, B)
-        sc = _IQ1S(S, W)
+        sc = _Sums(pre, 2, _iq1s_sums, XS)
         found, L, scale, shift = _split(order, *_select(stripmax.view(66, G), sc, skip), sc.cand, flip=1)
         index, scale, _ = _words(found, L, shift[:, None].expand(G, 4), scale, xg, wg)
         max_scale, d, l = _group_scales(scale.view(nb, 8))
@@ -610,7 +590,7 @@ class IQ1_M(Quantizer, name="IQ1_M"):
         B = min(G, ROW_BLOCK)
         stripmax = _scripted(_iq1m_rows)(P, TX, A2, B2, buf("sx", 34 * B), buf("qx", 68 * B), buf("q2", 68 * B),
                                          buf("sqx", 68 * B), buf("y", 68 * B), buf("stripmax", 17, 4, G), B)
-        sc = _IQ1M(pre)
+        sc = _Sums(pre, 4, _iq1m_sums, M_K)
         found, L, scale, k = _split(order, *_select(stripmax.view(68, G), sc, skip), sc.cand, flip=3)
         shifts = torch.stack([k >> 1, k & 1], 1)  # [G, 2] per word 0: +DELTA, 1: -DELTA
         index, scale, q = _words(found, L, shifts, scale, xg, wg)
