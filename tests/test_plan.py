@@ -64,7 +64,7 @@ def test_says_clearly_when_it_cannot_fit():
     assert report.placement is None and "CPU memory" in report.problem
     assert "DOES NOT FIT" in render(report)
     res = CliRunner().invoke(main, ["plan", "--recipe", "bf16", "--ram", "64GiB"])
-    assert res.exit_code == 2 and "error: does not fit" in res.output and "Traceback" not in res.output
+    assert res.exit_code == 2 and "error: bf16 does not fit" in res.output and "Traceback" not in res.output
 
 
 def test_cli_for_a_checkpoint(tiny_tp8):

@@ -277,5 +277,5 @@ def test_target_bpw_refuses_what_it_cannot_do(tiny_tp8, tokens, tmp_path):
     with pytest.raises(GrokquantError, match="calibrated method"):
         with_target_bpw(load_recipe("q4_k_m"), 4.0)
     with pytest.raises(GrokquantError, match="below the smallest"):
-        quantize(tiny_tp8, tmp_path / "x.gguf", with_target_bpw(load_recipe("q4_k_m-gptq"), 2.0), tokens)
+        quantize(tiny_tp8, tmp_path / "x.gguf", with_target_bpw(load_recipe("q4_k_m-gptq"), 1.5), tokens)  # IQ1_S is 1.5625
     assert list(tmp_path.iterdir()) == []  # refused before any work: no output, no work folder
