@@ -1,20 +1,22 @@
 """GGML IQ2_XXS, IQ2_XS and IQ2_S (2-bit lattice codebooks): bit-exact, vectorized ports of ggml-quants.c.
 
 The three quantizers (quantize_row_iq2_{xxs,xs,s}_impl) share one search, `_search`: a 256-block is cut into
-scale groups of 32 (XXS) or 16 (XS, S) elements and these into octets; at each of 13 or 19 trial scales the
+scale groups of 32 (XXS) or 16 (XS, S) elements and these into octets; at each of 13 or 19 trial scales s the
 magnitudes of an octet are rounded to a word of three levels per coordinate, and a word off the grid is
-replaced by the listed neighbour of least weighted error (iq2_find_best_neighbour), nearly all of ggml's time.
+replaced by its listed neighbour of least weighted error (iq2_find_best_neighbour), nearly all of ggml's time.
 
-Ours decides a neighbour from closed-form error differences to the rounded word (moving coordinate i by a
-level changes the error by 4*w_i*s*(s +- (s*q_i - x_i)), etc.): a candidate that beats every other one by more
-than a bound on the rounding of these and of C's sums is C's choice; closer calls (ties on zero weights,
-mostly) are scored again in C's float order (`_exact`). Most lists are the word's single-step neighbours, then
-words three steps away; those rarely win, and a lower bound (the three cheapest steps) usually rules them out
-without scoring them. Consecutive trial scales usually round an octet to the same word, and the error
-differences divided by s are linear in s: a candidate winning clearly at both ends of such a run of trials wins
-all of it. The trials' sums are computed once per distinct configuration of a group.
+Ours scores a neighbour by the error it adds to the word's, divided by 4s: a sum over its changed coordinates
+of closed-form terms, each linear in s (`_steps`). Consecutive trials usually round an octet to the same word,
+so these lines are summed once per such run and evaluated at each of its trials. The list's points at its
+first distance are scored; the further ones add at least the cheapest steps that reach their distance
+(`_far_bound`), which usually rules them out unscored. A point that beats every other one by more than a
+bound on the rounding of our scores and of C's float sums is C's choice; closer calls (ties on zero weights,
+mostly) are scored again in C's float order (`_exact`).
 
-Bytes are independent of the CPU: ggml's C quantizers are scalar code, and ours repeat their float order.
+Bytes are independent of the CPU: ggml's C quantizers are scalar code, and ours repeat their float order. The
+search runs as TorchScript (common._scripted); on CPU torch.where / masked_fill / sort cost ~30x an arithmetic
+op and gathers along a row ~10x one across rows, so the hot paths select with float masks and keep tables
+row-major by word.
 """
 
 from __future__ import annotations
@@ -56,12 +58,12 @@ S = _Spec("IQ2_S", 16, tuple(range(-9, 10)), f32(1e-8), False, False)  # GROUP_M
 def _tables(name: str, device: torch.device) -> List[torch.Tensor]:
     """The grid as the search reads it, by base-3 word u = sum l_i 3^i (ggml packs 2 bits per level):
     values [8, points + 1]: odd values 2l+1 of each point's coordinates (last column: padding); index [words]:
-    grid point or -1; digits [words, 8]: the levels; lists [most, words]: the neighbour lists in C's order
+    grid point or -1; digits [words, 8]: the levels; lists [words, most]: the neighbour lists in C's order
     (padded with `points`); length [words]; far [words]: the list's second distance (sum of squared level
-    steps; 99: none); count [words]: its points at the first distance, listed first; changes [most changed,
-    count max, words]: their changed coordinates as step codes (i, +1: i; -1: 8+i; +2: 16+i; -2: 24+i;
-    none: 32; padding point: 33); nch [words]: their most changes; slots [8, points + 1]: the level slot
-    3i + l of each point's coordinates (padding: 24)."""
+    steps; 99: none); count [words]: its points at the first distance, listed first; nch [words]: their most
+    changed coordinates; slots [8, points + 1]: the level slot 3i + l of each point's coordinates (padding:
+    24); then for c = 1, 2, ..: [words, c * points]: for the words whose near points change c coordinates,
+    those changes (change-major) as step codes (i, +1: i; -1: 8+i; +2: 16+i; -2: 24+i; none: 32; padding point: 33)."""
     g = grid(name)
     points = g.codes.shape[0]
     digits = torch.stack(torch.meshgrid(*[torch.arange(3)] * 8, indexing="ij")[::-1], -1).reshape(-1, 8)
@@ -72,7 +74,7 @@ def _tables(name: str, device: torch.device) -> List[torch.Tensor]:
     dist = torch.where(valid, (diff ** 2).sum(-1), 99)
     near = dist.amin(1)
     far = torch.where(dist > near[:, None], dist, 99).amin(1)
-    innear = dist == near[:, None]  # a prefix of each list
+    innear = (dist == near[:, None]) & valid  # a prefix of each list (none for words on the grid)
     count = innear.sum(1)
     code = torch.where(diff == 1, 0, torch.where(diff == -1, 8, torch.where(diff == 2, 16, 24))) + torch.arange(8)
     code = torch.where(diff != 0, code, 32).sort(-1).values
@@ -83,8 +85,11 @@ def _tables(name: str, device: torch.device) -> List[torch.Tensor]:
     changes[..., 0][pad] = 33
     slots = torch.cat([g.codes + torch.arange(0, 24, 3), torch.full((1, 8), 24)]).t()
     values = torch.cat([g.values, torch.zeros(1, 8)]).t()
-    tabs = (values, index, digits.float(), torch.where(valid, nb, points).t().int(), valid.sum(1), far, count,
-            changes.permute(2, 1, 0).int(), nch, slots.int())
+    tabs = [values, index, digits.float(), torch.where(valid, nb, points).int(), valid.sum(1), far, count, nch,
+            slots.int()]
+    for c in range(1, changes.shape[2] + 1):  # only as many points as the words with c changes have
+        P = int(torch.where(nch == c, count, 1).max())
+        tabs.append(changes[:, :P, :c].transpose(1, 2).reshape(len(digits), c * P).int())
     return [t.contiguous().to(device) for t in tabs]
 
 
@@ -163,14 +168,15 @@ def _qp_scale(x: torch.Tensor, w: torch.Tensor, nmax: int, zidx: torch.Tensor, o
     # in rounds: a round scores every element of a group at once on the current sums; up to the first accepted
     # change, that is what C's steps compute; the change is made and the next round starts after it.
     # A group changes about once, so a few rounds replace 32 dependent steps per pass.
-    rows = torch.arange(n, device=x.device).float()[:, None]
+    xt, wt, wxt, Lt = x.t().contiguous(), w.t().contiguous(), wx.t().contiguous(), L.t().contiguous()  # [M, n]
+    rows = torch.arange(n, device=x.device).float()[None]
     act = torch.arange(M, device=x.device)
-    pos = torch.zeros(M, device=x.device)
+    pos = torch.zeros(M, 1, device=x.device)
     passes = torch.zeros_like(act)
     changed = torch.zeros_like(act, dtype=torch.bool)
     while act.shape[0] > 0:
-        xa, wa, wxa, La = x[:, act], w[:, act], wx[:, act], L[:, act]
-        sx, s2 = slx[act], sl2[act]
+        xa, wa, wxa, La = xt.index_select(0, act), wt.index_select(0, act), wxt.index_select(0, act), Lt[act]
+        sx, s2 = slx[act][:, None], sl2[act][:, None]
         ea = sx - wxa * La
         eb = s2 - wa * La * La
         new = _nint(xa * eb / ea).clamp(max=float(nmax))
@@ -178,18 +184,18 @@ def _qp_scale(x: torch.Tensor, w: torch.Tensor, nmax: int, zidx: torch.Tensor, o
         b2 = eb + wa * new * new
         ok = _gt(ea, 0.0) * _gt(eb, 0.0) * _gt((new - La).abs(), 0.0) * _gt(a2 * a2 * s2 - sx * sx * b2, 0.0)
         ok = ok * _ge(rows - pos, 0.0)  # (a2*a2*s2 > sx*sx*b2 as a difference: both finite, so the same)
-        i = (rows * ok + n * (1 - ok)).amin(0).long()
+        i = (rows * ok + n * (1 - ok)).amin(1).long()
         has = i < n
         h = has.nonzero().squeeze(1)
         if h.shape[0] > 0:
             ih, gh = i[h], act[h]
-            L.view(-1)[ih * M + gh] = (new[ih, h].int() & 255).float()
-            slx[gh] = a2[ih, h]
-            sl2[gh] = b2[ih, h]
+            Lt.view(-1)[gh * n + ih] = (new[h, ih].int() & 255).float()
+            slx[gh] = a2[h, ih]
+            sl2[gh] = b2[h, ih]
         more = ~has & changed & (passes < 4)  # the pass ended with changes: another one
         keep = (has | more).nonzero().squeeze(1)
         passes = torch.where(more, passes + 1, passes)
-        pos = torch.where(has, i + 1, torch.zeros_like(i)).float()
+        pos = torch.where(has, i + 1, torch.zeros_like(i)).float()[:, None]
         changed = has | (changed & ~more)
         act, pos, passes, changed = act[keep], pos[keep], passes[keep], changed[keep]
     return torch.where((zero > 0) | ~(sl2 > 0), torch.zeros_like(slx), slx / sl2)
@@ -220,12 +226,34 @@ def _slots(x: torch.Tensor, w: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Ten
     return torch.cat([sg, torch.zeros_like(sg[:1])]), torch.cat([ta, torch.full_like(ta[:1], 1e30)])
 
 
-def _gather(sg: torch.Tensor, ta: torch.Tensor, code: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Sum over dim 0 of the lines sg, ta [rows, R] at rows code [C, P, R] of each column -> [P, R]."""
+def _gather(sg: torch.Tensor, ta: torch.Tensor, code: torch.Tensor, dim: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Lines of points: sums over `dim` (0 or 1) of the lines sg, ta [rows, R] at rows `code` (int [R, c,
+    points] or [c, R, points]: column r of row r) -> [points, R]."""
     R = sg.shape[1]
-    flat = (code * R + torch.arange(R, device=sg.device).int()).view(-1)
-    return (sg.view(-1).index_select(0, flat).view(code.shape).sum(0),
-            ta.view(-1).index_select(0, flat).view(code.shape).sum(0))
+    cols = torch.arange(R, device=sg.device).int().view([1, R, 1] if dim == 0 else [R, 1, 1])
+    flat = (code * R + cols).reshape(-1)
+    return (sg.view(-1).index_select(0, flat).view(code.shape).sum(dim).t().contiguous(),
+            ta.view(-1).index_select(0, flat).view(code.shape).sum(dim).t().contiguous())
+
+
+def _far_bound(lines: torch.Tensor, far: torch.Tensor) -> torch.Tensor:
+    """Least score of a point at level distance `far` [n] (sum of squared steps; 99: no such point) from the
+    step lines [32, n] (+1, -1, +2, -2 per coordinate): k single steps and j double ones, k + 4j = far, add at
+    least the k cheapest single steps and j times the cheapest double one."""
+    m = torch.minimum(lines[:8], lines[8:16])
+    double = torch.minimum(lines[16:24], lines[24:32]).amin(0)
+    e = [m[i] for i in range(8)]
+    for p, q in [(0, 1), (2, 3), (4, 5), (6, 7), (0, 2), (1, 3), (4, 6), (5, 7), (1, 2), (5, 6), (0, 4), (1, 5),
+                 (2, 6), (3, 7), (2, 4), (3, 5), (1, 2), (3, 4), (5, 6)]:  # a sorting network
+        e[p], e[q] = torch.minimum(e[p], e[q]), torch.maximum(e[p], e[q])
+    cheap = torch.cumsum(torch.stack([torch.zeros_like(e[0])] + e), 0)  # [9, n]: the k cheapest
+    bound = torch.full_like(double, 1e30)
+    for j in range(4):
+        k = far - 4 * j
+        fit = ((k >= 0) & (k <= 8) & (far < 99)).float()
+        b = cheap.gather(0, k.clamp(0, 8)[None])[0] + double * j
+        bound = torch.minimum(bound, _sel(fit, b, torch.full_like(b, 1e30)))
+    return bound
 
 
 def _pick(a: torch.Tensor, b: torch.Tensor, s: torch.Tensor, tol: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor,
@@ -246,13 +274,14 @@ def _neighbours(o: torch.Tensor, word: torch.Tensor, s: torch.Tensor, n: torch.T
     `word` -> the grid index of every trial, run after run.
 
     The points at the list's first distance are scored at every trial; one further away adds at least the
-    cheapest changes that reach its distance, bounded once per run from the lines at both ends of its scales.
+    cheapest changes that reach its distance: bounded once per run from the lines at both ends of its scales,
+    then, where that is too loose, at the trial's own scale.
     A point that beats all others by more than the rounding bound is C's choice; where a far point could win,
     the whole list is scored; what stays close is scored in C's float order (`_exact`)."""
-    values, index, digits, lists, length, far, count, changes, nch, slots = tabs
+    values, index, digits, lists, length, far, count, nch, slots = tabs[:9]
     R = o.shape[0]
     dev = o.device
-    words = lists.shape[1]
+    most = lists.shape[1]
     xo, wo = x.index_select(1, o), w.index_select(1, o)
     v = digits.index_select(0, word).t()  # [8, R]
     sg, ta = _steps(xo, wo, v)
@@ -267,43 +296,36 @@ def _neighbours(o: torch.Tensor, word: torch.Tensor, s: torch.Tensor, n: torch.T
     good = _gt(st, 0.0) * _gt(1e30 - tol, 0.0)  # a positive scale, a finite bound
     fw = far.index_select(0, word)
     bound = torch.full([R], 1e30, device=dev)
-    if bool((fw < 99).any()):  # a far point: k single steps and j double ones with k + 4j = far
+    if bool((fw < 99).any()):  # bounded over the run's scales: the lines at both ends
         ends = torch.stack([s[:, 0], s.view(-1).index_select(0, torch.arange(R, device=dev) * T + n - 1)])
-        lo = torch.minimum(sg[:32] * ends[0] + ta[:32], sg[:32] * ends[1] + ta[:32])  # [32, R]
-        m = torch.minimum(lo[:8], lo[8:16])
-        double = torch.minimum(lo[16:24], lo[24:32]).amin(0)
-        e = [m[i] for i in range(8)]
-        for p, q in [(0, 1), (2, 3), (4, 5), (6, 7), (0, 2), (1, 3), (4, 6), (5, 7), (1, 2), (5, 6), (0, 4), (1, 5),
-                     (2, 6), (3, 7), (2, 4), (3, 5), (1, 2), (3, 4), (5, 6)]:  # sort the 8 cheapest steps
-            e[p], e[q] = torch.minimum(e[p], e[q]), torch.maximum(e[p], e[q])
-        cheap = torch.cumsum(torch.stack([torch.zeros_like(e[0])] + e), 0)  # [9, R]: k cheapest
-        for jj in range(4):
-            k = fw - 4 * jj
-            fit = ((k >= 0) & (k <= 8) & (fw < 99)).float()
-            bnd = cheap.gather(0, k.clamp(0, 8)[None])[0] + double * jj
-            bound = torch.minimum(bound, _sel(fit, bnd, torch.full_like(bnd, 1e30)))
+        bound = _far_bound(torch.minimum(sg[:32] * ends[0] + ta[:32], sg[:32] * ends[1] + ta[:32]), fw)
     out = torch.full_like(r, -1)
     cw = count.index_select(0, word)
     nw = nch.index_select(0, word)
     undecided: List[torch.Tensor] = []
-    lo_ = 0
-    for hi in [1, 2, 4, 8, 16, 32, 64, 128]:  # by the number of near points
-        sel = ((cw > lo_) & (cw <= hi)).nonzero().squeeze(1)
-        lo_ = hi
+    for c in range(1, len(tabs) - 8):  # by the number of changed coordinates of the near points
+        sel = (nw == c).nonzero().squeeze(1)
         if sel.shape[0] > 0:
             P = int(cw[sel].max().item())
-            C = int(nw[sel].max().item())
             ws = word[sel]
-            code = changes[:C, :P].index_select(2, ws)  # [C, P, runs]
-            a, b = _gather(sg.index_select(1, sel), ta.index_select(1, sel), code)
+            code = tabs[8 + c].index_select(0, ws).view(sel.shape[0], c, -1)[:, :, :P]  # [runs, c, P]
+            a, b = _gather(sg.index_select(1, sel), ta.index_select(1, sel), code, 1)
             col = torch.repeat_interleave(torch.arange(sel.shape[0], device=dev), n[sel])  # trials of these runs
             tr = first[sel][col] + torch.arange(col.shape[0], device=dev) - (torch.cumsum(n[sel], 0) - n[sel])[col]
             pos, cnt, best = _pick(a.index_select(1, col), b.index_select(1, col), st[tr], tol[tr])
             uniq = (cnt == 1) & (good[tr] > 0)
             clear = uniq & (best + tol[tr] < bound[sel][col])
-            got = lists.view(-1).index_select(0, pos * words + ws[col]).long()
+            got = lists.view(-1).index_select(0, ws[col] * most + pos).long()
             out[tr] = torch.where(clear, got, torch.full_like(got, -1))
-            undecided.append(tr[uniq & ~clear])
+            more = (uniq & ~clear).nonzero().squeeze(1)
+            undecided.append(tr[more])
+            if more.shape[0] > 0:  # the run's bound was too loose: bound at the trial's own scale
+                tm = tr[more]
+                rm = r[tm]
+                lines = sg[:32].index_select(1, rm) * st[tm] + ta[:32].index_select(1, rm)
+                ok2 = best[more] + tol[tm] < _far_bound(lines, fw.index_select(0, rm))
+                out[tm] = torch.where(ok2, got[more], out[tm])
+                undecided[-1] = tm[~ok2]
     rest = torch.cat(undecided) if len(undecided) > 0 else torch.zeros(0, dtype=torch.long, device=dev)
     if rest.shape[0] > 0:  # a far point might win: score the whole lists of those runs
         runs, inv = torch.unique(r[rest], return_inverse=True)
@@ -314,17 +336,17 @@ def _neighbours(o: torch.Tensor, word: torch.Tensor, s: torch.Tensor, n: torch.T
             sel = ((ln > lo_) & (ln <= hi)).nonzero().squeeze(1)
             lo_ = hi
             if sel.shape[0] > 0:
-                L = min(hi, lists.shape[0])
-                cand = lists[:L].index_select(1, word[runs[sel]])  # [L, runs']
-                code = slots.index_select(1, cand.reshape(-1)).view(8, L, -1)
-                fa, fb = _gather(fs.index_select(1, sel), ft.index_select(1, sel), code)
+                L = min(hi, most)
+                cand = lists.index_select(0, word[runs[sel]])[:, :L].contiguous()  # [runs', L]
+                code = slots.index_select(1, cand.view(-1)).view(8, sel.shape[0], L)
+                fa, fb = _gather(fs.index_select(1, sel), ft.index_select(1, sel), code, 0)
                 back = torch.full([runs.shape[0]], -1, dtype=torch.long, device=dev)
                 back[sel] = torch.arange(sel.shape[0], device=dev)
                 at = (back.index_select(0, inv) >= 0).nonzero().squeeze(1)
                 col = back[inv[at]]
                 tr = rest[at]
                 p2, c2, b2 = _pick(fa.index_select(1, col), fb.index_select(1, col), st[tr], tol[tr])
-                got = cand.view(-1).index_select(0, p2 * sel.shape[0] + col).long()
+                got = cand.view(-1).index_select(0, col * L + p2).long()
                 out[tr] = torch.where(c2 == 1, got, torch.full_like(got, -1))
     close = (out < 0).nonzero().squeeze(1)
     if close.shape[0] > 0:  # calls too close for our scores: C's float order decides
@@ -343,8 +365,7 @@ def _exact(o: torch.Tensor, word: torch.Tensor, s: torch.Tensor, x: torch.Tensor
         sel = ((ln > lo) & (ln <= hi)).nonzero().squeeze(1)
         lo = hi
         if sel.shape[0] > 0:
-            L = min(hi, lists.shape[0])
-            cand = lists[:L].index_select(1, word[sel]).long()  # [L, n]
+            cand = lists.index_select(0, word[sel])[:, :hi].t().long()  # [L, n]
             os = o[sel]
             xo, wo, ss = x.index_select(1, os), w.index_select(1, os), s[sel]
             d2 = torch.zeros(cand.shape, device=o.device)
@@ -371,8 +392,8 @@ def _search(xe: torch.Tensor, w: torch.Tensor, nums: torch.Tensor, eps: float, p
     waux = torch.sqrt(w.double()).float()  # sqrtf, correctly rounded
     neg = 1 - _ge(xe, 0.0)  # C: x >= 0 keeps the sign (so does -0.0)
     xval = xe * (1 - 2 * neg)
-    signs = (neg.view(K, 8, G) * torch.tensor([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0], device=dev).view(1, 8, 1)).sum(1)
-    signs = signs.long()
+    bits = torch.tensor([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0], device=dev).view(1, 8, 1)
+    signs = (neg.view(K, 8, G) * bits).sum(1).long()
     if parity:  # an odd number of flips: the least important element keeps its sign instead
         odd = neg.view(K, 8, G).sum(1).long() % 2
         imin = (w * xe * xe).view(K, 8, G).argmin(1)  # the first of the least, as C's strict `<`
@@ -398,9 +419,15 @@ def _search(xe: torch.Tensor, w: torch.Tensor, nums: torch.Tensor, eps: float, p
     W = torch.stack([wo.sum(0) * 25, (wo * ax).sum(0) * 10, (wo * ax * ax).sum(0)])
     p3 = torch.tensor([[1.0, 3.0, 9.0, 27.0, 81.0, 243.0, 729.0, 2187.0]], device=dev)
 
-    # every trial at once: levels [m, G*T], words and grid points [K, G, T]
-    L = _levels(xval[:, :, None] * ids.t().contiguous()[None]).reshape(K, 8, G * T)
-    u = torch.matmul(p3, L).view(K * G * T).long()
+    # every trial at once: words [K, G, T] from the levels [m, G, T], in slices of groups that stay in cache
+    span = max(1, 131072 // (m * T))
+    idt = ids.t().contiguous()
+    u = torch.empty(K, G, T, dtype=torch.long, device=dev)
+    for g0 in range(0, G, span):
+        g1 = min(G, g0 + span)
+        L = _levels(xval[:, g0:g1, None] * idt[None, g0:g1]).view(K, 8, (g1 - g0) * T)
+        u[:, g0:g1] = torch.matmul(p3, L).view(K, g1 - g0, T)
+    u = u.view(K * G * T)
     gi = index.index_select(0, u)
     entries = (gi < 0).nonzero().squeeze(1)  # off the grid; a run: consecutive trials of an octet, one word
     if entries.shape[0] > 0:
@@ -417,9 +444,14 @@ def _search(xe: torch.Tensor, w: torch.Tensor, nums: torch.Tensor, eps: float, p
     gi = gi.view(K, G, T)
 
     # sumqx, sumq2 of every trial
-    q = torch.stack([values[i].index_select(0, gi.view(-1)).view(K, G, T) for i in range(8)], 1).view(m, G, T)
-    sumqx = _sums(wx.view(m, G, 1) * q, zidx, ordered)  # [G, T]
-    sumq2 = _sums(w.view(m, G, 1) * q * q, zidx, ordered)
+    sumqx = torch.empty(G, T, device=dev)
+    sumq2 = torch.empty(G, T, device=dev)
+    for g0 in range(0, G, span):
+        g1 = min(G, g0 + span)
+        gs = gi[:, g0:g1].reshape(-1)
+        q = torch.stack([values[i].index_select(0, gs).view(K, g1 - g0, T) for i in range(8)], 1).view(m, -1, T)
+        sumqx[g0:g1] = _sums(wx[:, g0:g1, None] * q, zidx, ordered)
+        sumq2[g0:g1] = _sums(w[:, g0:g1, None] * q * q, zidx, ordered)
 
     best = torch.zeros_like(mx)
     scale = scale0
