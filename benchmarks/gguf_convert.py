@@ -4,7 +4,8 @@
 
 1. Quantizer throughput on the same float32 matrix: ours (torch, all cores) versus ggml's C
    quantizer (`ggml_quantize_chunk` from llama-cpp-python's libggml, run on all cores in row chunks
-   as llama-quantize does), for Q8_0, Q4_K and Q6_K.
+   as llama-quantize does), plain and with an importance matrix, bytes compared, for every type in
+   --types (default: Q8_0, Q4_K, Q6_K and the seven 1-3 bit i-quants).
 2. End to end on a synthetic checkpoint: `grokquant convert --type q4_k_m` from the original bf16
    shards versus `llama_model_quantize` (Q4_K_M) from our bf16 GGUF of the same checkpoint: wall
    time and peak RSS, each in its own process.
@@ -40,24 +41,40 @@ def best_of(fn, repeat=3) -> float:
     return min(times)
 
 
-def ggml_parallel(type_name: str, x: np.ndarray, threads: int) -> None:
+def ggml_parallel(type_name: str, x: np.ndarray, imatrix: np.ndarray | None, threads: int) -> np.ndarray:
     chunks = np.array_split(x, threads)
     with ThreadPoolExecutor(threads) as pool:  # ctypes releases the GIL during the C call
-        list(pool.map(lambda c: ggml_quantize(type_name, c), chunks))
+        return np.concatenate(list(pool.map(lambda c: ggml_quantize(type_name, c, imatrix), chunks)))
 
 
-def quantizer_table(rows: int, cols: int) -> None:
+DEFAULT_TYPES = "Q8_0,Q4_K,Q6_K,IQ3_S,IQ3_XXS,IQ2_S,IQ2_XS,IQ2_XXS,IQ1_M,IQ1_S"
+# ggml_quantize_requires_imatrix (ggml.c): ggml asserts on these without importance
+PLAIN_REFUSED = {"IQ2_XXS", "IQ2_XS", "IQ1_S"}
+
+
+def quantizer_table(rows: int, cols: int, types: list[str]) -> None:
+    """Ours against ggml's C on the same matrix, plain and importance-weighted, bytes compared."""
     threads = os.cpu_count() or 1
-    x = torch.randn(rows, cols, generator=torch.Generator().manual_seed(0))
-    xn = x.numpy()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, cols, generator=gen)
+    # a calibration-like importance: positive, spread over orders of magnitude
+    imatrix = torch.exp(2 * torch.randn(cols, generator=gen))
+    xn, qn = x.numpy(), imatrix.numpy()
     mb = x.numel() * 4 / 1e6
     print(f"quantizer throughput on a {rows}x{cols} float32 matrix ({mb:.0f} MB), {threads} cores")
-    print(f"{'type':<6}{'ours MB/s':>12}{'ggml MB/s':>12}{'ggml 1-thread':>15}{'ours / ggml':>13}")
-    for t in ("Q8_0", "Q4_K", "Q6_K"):
-        ours = best_of(lambda: quantize(x, t))
-        ref = best_of(lambda: ggml_parallel(t, xn, threads))
-        ref1 = best_of(lambda: ggml_quantize(t, xn), repeat=1)
-        print(f"{t:<6}{mb / ours:>12.0f}{mb / ref:>12.0f}{mb / ref1:>15.0f}{ref / ours:>13.2f}x")
+    print(f"{'type':<9}{'path':<9}{'ours MB/s':>10}{'ggml MB/s':>10}{'ggml 1-thr':>11}{'ours/ggml':>10}  bytes")
+    for t in types:
+        for path, qw in (("plain", None), ("imatrix", imatrix)):
+            if qw is None and t in PLAIN_REFUSED:
+                continue  # ggml refuses to quantize these without importance
+            ours_bytes = quantize(x, t, qw)  # warm-up (grids, compiled kernels) and the bytes to compare
+            ref_bytes = ggml_parallel(t, xn, None if qw is None else qn, threads)
+            same = np.array_equal(ours_bytes.numpy(), ref_bytes)
+            ours = best_of(lambda: quantize(x, t, qw))
+            ref = best_of(lambda: ggml_parallel(t, xn, None if qw is None else qn, threads))
+            ref1 = best_of(lambda: ggml_quantize(t, xn, None if qw is None else qn), repeat=1)
+            print(f"{t:<9}{path:<9}{mb / ours:>10.1f}{mb / ref:>10.1f}{mb / ref1:>11.1f}{ref / ours:>9.2f}x  "
+                  f"{'identical' if same else 'DIFFER'}", flush=True)
 
 
 def end_to_end(layers: int, hidden: int, moe: int) -> None:
@@ -90,9 +107,12 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--moe", type=int, default=4096)
+    ap.add_argument("--types", default=DEFAULT_TYPES, help="comma-separated GGML types for the quantizer table")
+    ap.add_argument("--no-end-to-end", action="store_true", help="only the quantizer table")
     args = ap.parse_args()
-    quantizer_table(args.rows, args.cols)
-    end_to_end(args.layers, args.hidden, args.moe)
+    quantizer_table(args.rows, args.cols, args.types.split(","))
+    if not args.no_end_to_end:
+        end_to_end(args.layers, args.hidden, args.moe)
 
 
 if __name__ == "__main__":

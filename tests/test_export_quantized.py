@@ -176,3 +176,31 @@ def test_low_bit_mix_without_imatrix_is_refused_like_llama_quantize(deep, tmp_pa
     with pytest.raises(GrokquantError, match="has no entry"):
         convert(path, tmp_path / "ours.gguf", GGUFRecipe(ftype, ftype), imatrix=partial)
     assert not list(tmp_path.glob("*ours*")) and not list(tmp_path.glob(".ours*"))
+
+
+# each 1-3 bit type through a llama.cpp file type whose default it is (llama_ftype_get_default_type)
+LOW_BIT_PURE = {"IQ1_S": "iq1_s", "IQ1_M": "iq1_m", "IQ2_XXS": "iq2_xxs", "IQ2_XS": "iq2_xs", "IQ2_S": "iq2_m",
+                "IQ3_XXS": "iq3_xxs", "IQ3_S": "iq3_s"}
+
+
+@pytest.mark.parametrize("type_name", list(LOW_BIT_PURE))
+def test_low_bit_file_equals_llama_quantize_pure_and_its_logits(tiny_tp8, f32, tmp_path, type_name):
+    """A whole file in one 1-3 bit type with an importance matrix: every block equals
+    llama_model_quantize --pure given the same importance, and llama.cpp's logits on it equal our model's
+    on the file's own dequantized weights within the bound test_export_gguf.py justifies."""
+    ftype = LOW_BIT_PURE[type_name]
+    cfg = GGUFWeights(f32).config
+    imatrix = synthetic_imatrix(cfg, ftype, tmp_path / "imatrix.npz")
+    ref = tmp_path / "ref.gguf"
+    llama("quantize", f32, ref, FTYPES[ftype][0], 1, tmp_path / "imatrix.npz")
+    ours = convert(tiny_tp8, tmp_path / "ours.gguf", GGUFRecipe(ftype, ftype, pure=True), imatrix=imatrix)[0]
+    types = {i.type.name for i in read_gguf(ours).tensors.values()}
+    assert type_name in types, types
+    fraction = compare_files(ours, ref)
+    print(f"{type_name}: {fraction:.6%} of blocks identical to llama-quantize --pure")
+    assert fraction == 1.0  # the quantizers are bit-exact ports; any differing block is a bug
+
+    logits, bound = logits_and_bound(GGUFWeights(ours), TOKENS)
+    gap = np.abs(logits - llama_logits(ours, TOKENS, tmp_path))
+    print(f"{type_name}: |logit diff| vs llama.cpp max {gap.max():.3g} mean {gap.mean():.3g} (bound {bound:.3g})")
+    assert gap.max() < bound

@@ -2,7 +2,7 @@
 
 ggml multiplies a weight of type T by activations first converted to T's "vec_dot type":
 bf16 / fp16 for those weights, Q8_0 blocks of 32 for the legacy and IQ4_NL types, Q8_K blocks of
-256 for the K-quants and IQ4_XS. Reproducing that rounding lets our model's logits on a quantized
+256 for the K-quants and the other i-quants (ggml-cpu.c's type_traits_cpu). Reproducing that rounding lets our model's logits on a quantized
 GGUF match llama.cpp's to float tolerance (the weights themselves are bit-identical).
 """
 
@@ -12,7 +12,8 @@ import torch
 
 VEC_DOT = {"F32": "F32", "F16": "F16", "BF16": "BF16", "Q4_0": "Q8_0", "Q4_1": "Q8_0", "Q5_0": "Q8_0",
            "Q5_1": "Q8_0", "Q8_0": "Q8_0", "IQ4_NL": "Q8_0", "Q2_K": "Q8_K", "Q3_K": "Q8_K", "Q4_K": "Q8_K",
-           "Q5_K": "Q8_K", "Q6_K": "Q8_K", "IQ4_XS": "Q8_K"}
+           "Q5_K": "Q8_K", "Q6_K": "Q8_K", "IQ4_XS": "Q8_K",
+           **{t: "Q8_K" for t in ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S")}}
 
 
 def _full(like: torch.Tensor, value: float) -> torch.Tensor:
