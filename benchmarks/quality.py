@@ -2,7 +2,7 @@
 
     python benchmarks/quality.py [--work benchmarks/.quality-cache] [--checkpoint DIR]
         [--layers 2 --hidden 512 --ffn 512 --vocab 512 --steps 250 --seed 0]
-        [--tokens 8192 --seq-len 256] [--ctx 256 --chunks 128] [--threads 1] [--tiers q4_k_m,iq4_xs,q2_k]
+        [--tokens 8192 --seq-len 256] [--ctx 256 --chunks 128] [--threads 1] [--tiers default|low|q4_k_m,...]
         [--ours RECIPE[:BPW] ...] [--json-out quality.json]
 
 One run, every step a child process (a crash of llama.cpp stops a step, not the benchmark):
@@ -11,8 +11,10 @@ One run, every step a child process (a crash of llama.cpp stops a step, not the 
    settings), or --checkpoint DIR.
 2. `grokquant calibrate` on the built-in corpus's training split: llama.cpp's GGUF imatrix.
 3. llama.cpp's quantizer: a bf16 GGUF (`grokquant convert --type bf16`), then `llama_model_quantize`
-   (tests/llama_runner.py) to Q4_K_M, IQ4_XS and Q2_K, each without and with the imatrix.
-4. Ours: `grokquant quantize --recipe q4_k_m-gptq / iq4_xs-gptq / q2_k-gptq` on the same calibration
+   (tests/llama_runner.py) to each tier's mix (default: Q4_K_M, IQ4_XS, Q2_K; `--tiers low`: IQ3_XXS, IQ2_M,
+   IQ2_XXS, IQ1_M), each without and with the imatrix (the 1-3 bit mixes only with it: llama.cpp refuses
+   them without).
+4. Ours: `grokquant quantize --recipe TIER-gptq` (q4_k_m-gptq, iq2_m-gptq, ...) on the same calibration
    text, with `--target-bpw` = llama.cpp's matrix bits per weight of that mix where the CLI has it.
 5. The baseline: the bf16 GGUF run by llama.cpp itself (f32 KV cache) on the held-out windows, kept
    top-k compressed; then `grokquant eval --engine llama.cpp --baseline` for every artifact, on the same
@@ -42,7 +44,10 @@ sys.path.insert(0, str(ROOT))
 from grokquant.errors import GrokquantError  # noqa: E402
 RUNNER = ROOT / "tests" / "llama_runner.py"
 ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-FTYPE_NAMES = {"q4_k_m": "Q4_K_M", "iq4_xs": "IQ4_XS", "q2_k": "Q2_K"}  # tier -> llama.cpp's LLAMA_FTYPE_MOSTLY_*
+# tier -> llama.cpp's LLAMA_FTYPE_MOSTLY_*; the 1-3 bit tiers: python benchmarks/quality.py --tiers low
+FTYPE_NAMES = {"q4_k_m": "Q4_K_M", "iq4_xs": "IQ4_XS", "q2_k": "Q2_K", "iq3_xxs": "IQ3_XXS", "iq2_m": "IQ2_M",
+               "iq2_xxs": "IQ2_XXS", "iq1_m": "IQ1_M"}
+TIER_SETS = {"default": "q4_k_m,iq4_xs,q2_k", "low": "iq3_xxs,iq2_m,iq2_xxs,iq1_m"}
 BPW_SLACK = 0.0  # ours must be no larger: a llama.cpp file counts as "at least our size" only at >= our matrix bpw
 PASS_RATIO = 0.70
 
@@ -176,11 +181,11 @@ def main() -> int:
     p.add_argument("--top-k", type=int, default=256, help="baseline log-probabilities kept per token")
     p.add_argument("--threads", type=int, default=1, help="threads of every step (torch and llama.cpp): 1 is "
                    "immune to a busy machine, where waiting threads slow down many times over")
-    p.add_argument("--tiers", default="q4_k_m,iq4_xs,q2_k")
+    p.add_argument("--tiers", default="default", help="comma-separated tiers, or `default` / `low` (1-3 bit)")
     p.add_argument("--ours", action="append", default=[], metavar="RECIPE[:BPW]", help="an extra row of ours")
     p.add_argument("--json-out", type=Path)
     a = p.parse_args()
-    tiers = [t.strip() for t in a.tiers.split(",") if t.strip()]
+    tiers = [t.strip() for t in TIER_SETS.get(a.tiers, a.tiers).split(",") if t.strip()]
     if not tiers or any(t not in FTYPE_NAMES for t in tiers):
         raise SystemExit(f"error: --tiers: give one or more of {', '.join(FTYPE_NAMES)}")
     extra = [parse_ours(s) for s in a.ours]
@@ -236,6 +241,7 @@ def setup_and_llama(a, ckpt: Path, out: Path, tiers: list[str]) -> list[dict]:
     import numpy as np
 
     from grokquant.calibrate.imatrix import load_imatrix
+    from grokquant.quant.ggml.mixes import FTYPES, NEEDS_IMATRIX
 
     with phase("calibrate"):
         say("calibrate ...")
@@ -248,7 +254,7 @@ def setup_and_llama(a, ckpt: Path, out: Path, tiers: list[str]) -> list[dict]:
     with phase("llama.cpp quantize"):
         for tier in tiers:
             ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{FTYPE_NAMES[tier]}")
-            for imatrix in (False, True):
+            for imatrix in (True,) if FTYPES[tier][1] in NEEDS_IMATRIX else (False, True):  # refused without
                 name = f"{tier}" + ("-imatrix" if imatrix else "")
                 path = out / f"llama-{name}.gguf"
                 say(f"llama_model_quantize {name} ...")
@@ -266,7 +272,7 @@ def ours(a, ckpt: Path, out: Path, tiers: list[str], extra, llama_rows: list[dic
     has_target = "--target-bpw" in run(grokquant("quantize", "--help"), "quantize --help")
     if not has_target:
         say("note: `grokquant quantize` has no --target-bpw yet; our files keep their recipe's own mix")
-    llama_bpw = {r["tier"]: r["matrix_bpw"] for r in llama_rows if not r["imatrix"]}
+    llama_bpw = {r["tier"]: r["matrix_bpw"] for r in llama_rows if r["imatrix"]}  # (1-3 bit tiers have no other)
     jobs = [(f"{t}-gptq", llama_bpw[t]) for t in tiers] + extra
     rows = []
     with phase("ours quantize"):
