@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from grokquant.quant.ggml import common as C
-from grokquant.quant.ggml import iq2
 from grokquant.quant.ggml.base import QUANTIZERS, quantize
+from grokquant.quant.ggml.compiled import make_qp_quants, nearest_int_bits
 from grokquant.quant.ggml.reference import ggml_quantize, ggml_validate
 
 TYPES = ["IQ2_XXS", "IQ2_XS", "IQ2_S"]
@@ -176,9 +176,9 @@ def test_gaussian_error_level(name, limit):
     assert rel < limit
 
 
-def test_qp_scale_is_make_qp_quants():
-    """IQ2_XXS's trial base: our TorchScript make_qp_quants gives common.make_qp_quants' scale, negative
-    magnitudes (the flipped sign of an odd octet), zero weights and tiny groups included."""
+def test_make_qp_quants_kernel_is_common_make_qp_quants():
+    """IQ2_XXS's trial base: the numba make_qp_quants gives common.make_qp_quants' scale and uint8 codes,
+    negative magnitudes (the flipped sign of an odd octet), zero weights and tiny groups included."""
     rng = np.random.default_rng(5)
     x = np.abs(rng.standard_normal((32, 3000))).astype(np.float32)
     x[rng.integers(0, 32, 3000), np.arange(3000)] *= -1
@@ -186,15 +186,28 @@ def test_qp_scale_is_make_qp_quants():
     w = (10.0 ** rng.uniform(-6, 6, (32, 3000))).astype(np.float32)
     w[rng.random((32, 3000)) < 0.1] = 0
     w[:, 50:60] = 0
-    X, Wt = torch.from_numpy(x), torch.from_numpy(w)
-    ours = iq2._qp_scale(X, Wt, 4, C._zeros_index(32), True)
-    np.testing.assert_array_equal(ours.numpy(), C.make_qp_quants(X, Wt, 4)[1].numpy())
+    codes, scale = C.make_qp_quants(torch.from_numpy(x), torch.from_numpy(w), 4)
+    xt, wt = np.ascontiguousarray(x.T), np.ascontiguousarray(w.T)
+    L = np.zeros((3000, 32), np.uint8)
+    ours = np.array([make_qp_quants(32, 4, xt[g], L[g], wt[g]) for g in range(3000)], np.float32)
+    np.testing.assert_array_equal(ours.view(np.int32), scale.numpy().view(np.int32))
+    np.testing.assert_array_equal(L.T, codes.numpy() & 255)
 
 
-def test_nearest_int_out_of_range():
-    v = torch.tensor([0.5, 1.5, 2.5, -0.5, 4194303.0, 4194303.5, -4194304.5, 1e9, -1e9, 1e30, float("inf"),
-                      float("-inf"), float("nan"), -12582912.0, 3e38])
-    np.testing.assert_array_equal(iq2._nint(v).numpy(), C.nearest_int(v).float().numpy())
+def test_nearest_int_bits_out_of_range():
+    v = np.float32([0.5, 1.5, 2.5, -0.5, 4194303.0, 4194303.5, -4194304.5, 1e9, -1e9, 1e30, np.inf, -np.inf, np.nan,
+                    -12582912.0, 3e38])
+    np.testing.assert_array_equal([nearest_int_bits(f) for f in v], C.nearest_int(torch.from_numpy(v)).numpy())
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_strided_blocks_give_the_contiguous_bytes(name):
+    """quantize_blocks on strided views (column-major blocks, an imatrix expanded with stride 0) gives the
+    bytes of their contiguous copies."""
+    x = torch.from_numpy(edge_matrix(8, 512, seed=31)).view(-1, 256)
+    im = torch.from_numpy(positive_imatrix(256, seed=32)).expand(x.shape[0], 256)
+    q = QUANTIZERS[name]
+    assert torch.equal(q.quantize_blocks(x.t().contiguous().t(), im), q.quantize_blocks(x, im.contiguous()))
 
 
 @pytest.mark.slow

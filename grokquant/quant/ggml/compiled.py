@@ -11,10 +11,14 @@ GIL (`nogil`) and run on base.quantize_chunks' worker threads; their machine cod
 
 from __future__ import annotations
 
+import llvmlite.ir
 import numba
+import numba.extending
 import numpy as np
 
 kernel = numba.njit(nogil=True, cache=True, error_model="numpy")
+# small helpers of a kernel, compiled into it (no call overhead in the innermost loops)
+inline = numba.njit(nogil=True, cache=True, error_model="numpy", inline="always")
 
 F32 = np.float32
 
@@ -23,3 +27,86 @@ F32 = np.float32
 def nearest_int(fval: np.float32) -> int:
     """ggml's nearest_int: round half to even (|fval| < 2^22), as adding 1.5 * 2^23 in float32 does."""
     return int(np.rint(fval))
+
+
+@numba.extending.intrinsic
+def _f32_bits(typingctx, v):
+    """The bits of a float32 as int32 (C's memcpy from float to int)."""
+    if v != numba.types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], llvmlite.ir.IntType(32))
+
+    return numba.types.int32(numba.types.float32), codegen
+
+
+@kernel
+def nearest_int_bits(fval: np.float32) -> int:
+    """ggml's nearest_int exactly as C computes it, for every input: add 1.5 * 2^23 and read the low 23 bits.
+    Equals `nearest_int` for |fval| < 2^22; beyond that (huge, inf, NaN) it gives C's garbage, which a clamp
+    after it turns into a level, so searches that may meet such values use this one."""
+    return (_f32_bits(fval + F32(12582912.0)) & 0x7FFFFF) - 0x400000
+
+
+@kernel
+def make_qp_quants(n, nmax, x, L, w):
+    """ggml's make_qp_quants(n, nmax, x, L, w) (codes 0..nmax for x >= 0) -> the scale; L (uint8) gets the
+    codes. C's float order: products left to right, sums from 0 element by element; C stores the codes as
+    uint8, so a negative x (nearest_int < 0) is kept modulo 256 and read back that way."""
+    mx = F32(0.0)
+    for i in range(n):
+        mx = mx if mx > x[i] else x[i]  # MAX(max, x[i])
+    if mx < F32(1e-15):  # GROUP_MAX_EPS
+        for i in range(n):
+            L[i] = 0
+        return F32(0.0)
+    fmax = F32(nmax)
+    iscale = fmax / mx
+    for i in range(n):
+        L[i] = nearest_int_bits(iscale * x[i]) & 255
+    scale = F32(1.0) / iscale
+    best = F32(0.0)
+    for i in range(n):
+        diff = x[i] - scale * F32(L[i])
+        best += w[i] * diff * diff
+    for k in range(-4, 5):
+        if k == 0:
+            continue
+        its = (F32(0.1) * F32(k) + fmax) / mx
+        s = F32(1.0) / its
+        mse = F32(0.0)
+        for i in range(n):
+            diff = x[i] - s * F32(min(nmax, nearest_int_bits(its * x[i])))
+            mse += w[i] * diff * diff
+        if mse < best:
+            best = mse
+            iscale = its
+    sumlx = F32(0.0)
+    suml2 = F32(0.0)
+    for i in range(n):
+        li = min(nmax, nearest_int_bits(iscale * x[i]))
+        L[i] = li & 255
+        fl = F32(li)  # the sums see the int code, L its uint8 copy
+        sumlx += w[i] * x[i] * fl
+        suml2 += w[i] * fl * fl
+    for _ in range(5):  # coordinate descent: move one code at a time while slx^2/sl2 grows
+        changed = False
+        for i in range(n):
+            li = F32(L[i])
+            slx = sumlx - w[i] * x[i] * li
+            sl2 = suml2 - w[i] * li * li
+            if slx > F32(0.0) and sl2 > F32(0.0):
+                new = min(nmax, nearest_int_bits(x[i] * sl2 / slx))
+                if new != L[i]:
+                    fn = F32(new)
+                    slx += w[i] * x[i] * fn
+                    sl2 += w[i] * fn * fn
+                    if slx * slx * suml2 > sumlx * sumlx * sl2:
+                        L[i] = new & 255
+                        sumlx = slx
+                        suml2 = sl2
+                        changed = True
+        if not changed:
+            break
+    return sumlx / suml2 if suml2 > F32(0.0) else F32(0.0)

@@ -1,553 +1,476 @@
-"""GGML IQ1_S and IQ1_M (1-bit lattice codebooks): bit-exact, vectorized ports of ggml-quants.c.
+"""GGML IQ1_S and IQ1_M (1-bit lattice codebooks): numba ports of ggml-quants.c, bytes identical to ggml's.
 
-quantize_row_iq1_s_impl (groups of 32) and quantize_row_iq1_m_impl (groups of 16, a shift sign per 8) share
-one algorithm, run here on every group of a chunk at once:
+quantize_row_iq1_s_impl (groups of 32, one shift sign per group) and quantize_row_iq1_m_impl (groups of 16,
+a shift sign per 8-element word) run here per block in C's order, compiled (compiled.kernel: IEEE float32,
+no fused multiply-add, no reassociation, so every float op rounds as the C's does):
 1. weights qw * sqrtf(sigma2 + x^2) (IQ1_M without imatrix: x^2); groups with max |x| < GROUP_MAX_EPS_* stay 0;
-2. sort each group's values (glibc's qsort is a stable merge sort at these sizes, so ties keep element order),
-   take prefix sums of w*x and w in sorted order, and score every split i1 <= i2 of the sorted values into the
-   levels -1, 0, 1 (plus a shift of -+IQ1_DELTA): v = (sumqx/sumq2)*sumqx, the C's `best_score`;
-3. keep the candidate that C's sequential `sumqx^2 > best*sumq2` loop keeps (`_select`);
-4. round each 8-element word onto the 2048-point grid (iq1_find_best_neighbour2 for off-grid words, `_onto_grid`),
-   refit the group scale, and pack the 3-bit group scales against the block scale.
-Candidate order, sums and tie rules follow the C (IQ1_M scores with the per-half prefix sums of ggml's current
-quantize_row_iq1_m_impl); the test file checks the bytes against ggml's. The searches run on the CPU.
+2. sort each group (glibc's qsort is a stable merge sort at these sizes: ties keep element order, -0.0 == 0.0),
+   take prefix sums of w*x and w in sorted order (IQ1_M: per half), and try every split i1 <= i2 of the
+   sorted values into the levels -1, 0, 1 (shifted by +-DELTA) with C's `sumqx^2 > best*sumq2` rule;
+3. round each 8-element word onto the 2048-point grid (kmap, else iq1_find_best_neighbour2 over ggml's
+   neighbour list), refit the group scale, pack the 3-bit group scales against the block scale.
+Speed without changing a byte: the C loop keeps a candidate only when it passes the test against the best
+so far, so a strip of candidates (one i1) where none passes against the best at its start is skipped after a
+branch-free (vectorised) check, and only strips with a pass are replayed in order. The neighbour search sums
+precomputed per-element error terms (the C's own float products), first-four-element partial sums from an
+81-entry table; a neighbour whose partial or approximate total provably cannot beat the best is skipped.
 """
 
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import List
 
 import numpy as np
 import torch
 
 from grokquant.quant.ggml import iq_grids
-from grokquant.quant.ggml.base import Quantizer, fp16_bytes, fp16_from_bytes
-from grokquant.quant.ggml.common import _scripted, f32, nearest_int, seqsum, sqrtf_, sum_squares
+from grokquant.quant.ggml.base import Quantizer, fp16_from_bytes
+from grokquant.quant.ggml.compiled import kernel, nearest_int
 
+F32 = np.float32
 DELTA = 0.125  # IQ1S_DELTA = IQ1M_DELTA
 # C's x_p (row 0, shift +DELTA) and x_m (row 1, shift -DELTA): the three level values, all exact in fp32
-XS = torch.tensor([[-1 + DELTA, DELTA, 1 + DELTA], [-1 - DELTA, -DELTA, 1 - DELTA]], dtype=torch.float32)
-FLT_MAX = float(np.finfo(np.float32).max)
-U = 2.0 ** -24  # fp32 unit roundoff
-GROUP_MAX_EPS_IQ1_S = f32(1e-12)
-GROUP_MAX_EPS_IQ1_M = f32(1e-7)
-
-# `_select`: a group's top scores, down to the first relative gap of GAP between consecutive ones, are replayed in
-# C order; the gap is looked for among the scores within RELS[0], then RELS[1] of the best. Groups without one, or
-# with scores too small for rounding to stay relative (< TINY), replay every candidate.
-GAP = 2.0 ** -18
-RELS = (2.0 ** -14, 2.0 ** -8)
-TINY = 1e-36
-ROW_BLOCK = 1024  # groups per pass of the score loops: their temporaries stay in L2
-FULL_SLICE = 256  # groups replayed in full at a time (their candidates' sums take memory)
-
-
-# ---- scoring every split ----------------------------------------------------------------------------------
-
-@lru_cache(maxsize=None)
-def _candidates(n: int, variants: int) -> dict[str, torch.Tensor]:
-    """Candidate positions: for each i1 = 0..n the strips (i1, variant) of i2 = i1..n. Per position: i1, i2,
-    variant and `rank`, its place in C's loops `for i1, for i2 >= i1, for variant`; per strip its i1, variant,
-    first position and length; [ones; index] rows for sums, and `upper` [i2, i1] = i2 >= i1."""
-    i1s, i2s, vs, ranks, strips = [], [], [], [], []
-    pair = 0
-    for i1 in range(n + 1):
-        m = n + 1 - i1
-        for v in range(variants):
-            strips.append((i1, v, len(i1s), m))
-            i1s += [i1] * m
-            i2s += list(range(i1, n + 1))
-            vs += [v] * m
-            ranks += [variants * (pair + j) + v for j in range(m)]
-        pair += m
-    t = lambda a: torch.tensor(a, dtype=torch.int64)  # noqa: E731
-    s1, sv, off, length = (t(list(c)) for c in zip(*strips))
-    sum_index = lambda k: torch.stack([torch.ones(k), torch.arange(k, dtype=torch.float32)])  # noqa: E731
-    return {"i1": t(i1s), "i2": t(i2s), "variant": t(vs), "rank": t(ranks), "strip_i1": s1, "strip_variant": sv,
-            "off": off, "len": length, "strip_sum": sum_index(len(strips)), "i2_sum": sum_index(n + 1),
-            "upper": torch.arange(n + 1)[:, None] >= torch.arange(n + 1)[None]}
-
-
-def _iq1s_rows(S: torch.Tensor, W: torch.Tensor, A: torch.Tensor, C: torch.Tensor, AW: torch.Tensor,
-               CW: torch.Tensor, d: torch.Tensor, qx: torch.Tensor, y: torch.Tensor, stripmax: torch.Tensor,
-               one8: float, one64: float, block: int) -> torch.Tensor:
-    """Best score per strip (i1, shift) of quantize_row_iq1_s_impl's candidates -> stripmax [33, 2, G], `block`
-    groups at a time (cache-sized). S, W [33, G] prefix sums; A, C, AW, CW [2 shifts, 33, G] the terms of sumqx /
-    sumq2 that depend on i1 or i2 alone; d, qx, y flat scratch. The middle level +-DELTA is a power of two, so
-    (S[i2]-S[i1])*x[1] and ((W[i2]-W[i1])*x[1])*x[1] are exact scalings: one fused add each."""
-    n = S.shape[0] - 1
-    G = S.shape[1]
-    for c0 in range(0, G, block):
-        c1 = min(G, c0 + block)
-        b = c1 - c0
-        for i1 in range(n + 1):
-            m = n + 1 - i1
-            x = qx[:2 * m * b].view(2, m, b)
-            v = y[:2 * m * b].view(2, m, b)
-            dd = torch.sub(S[i1:, c0:c1], S[i1, c0:c1], out=d[:m * b].view(m, b))
-            torch.add(A[0, i1, c0:c1], dd, alpha=one8, out=x[0])
-            torch.add(A[1, i1, c0:c1], dd, alpha=-one8, out=x[1])
-            x.add_(C[:, i1:, c0:c1])
-            dd = torch.sub(W[i1:, c0:c1], W[i1, c0:c1], out=d[:m * b].view(m, b))
-            torch.add(AW[:, i1, c0:c1].unsqueeze(1), dd, alpha=one64, out=v)
-            v.add_(CW[:, i1:, c0:c1])
-            torch.div(x, v, out=v).mul_(x)
-            torch.amax(v, dim=1, out=stripmax[i1, :, c0:c1])
-    return stripmax
-
-
-def _iq1m_rows(P: torch.Tensor, TX: torch.Tensor, A2: torch.Tensor, B2: torch.Tensor, sx: torch.Tensor,
-               qx: torch.Tensor, q2: torch.Tensor, sqx: torch.Tensor, y: torch.Tensor, stripmax: torch.Tensor,
-               block: int) -> torch.Tensor:
-    """Best score per strip (i1, k) of quantize_row_iq1_m_impl's candidates -> stripmax [17, 4, G], `block`
-    groups at a time. P [2 halves, 17, G] prefix sums of w*x per half; TX [half, sign, G] = txs*x[2]; A2, B2
-    [half, sign, 17, G] the i1 and i2 terms of sumq2; the rest flat scratch. k = 2*sign(half 0) + sign(half 1)."""
-    n = P.shape[1] - 1
-    G = P.shape[2]
-    for c0 in range(0, G, block):
-        c1 = min(G, c0 + block)
-        b = c1 - c0
-        for i1 in range(n + 1):
-            m = n + 1 - i1
-            s = torch.add(P[:, i1:, c0:c1], P[:, i1, c0:c1].unsqueeze(1), out=sx[:2 * m * b].view(2, m, b))
-            x = torch.sub(TX[:, :, c0:c1].unsqueeze(2), s.unsqueeze(1), out=qx[:4 * m * b].view(2, 2, m, b))
-            w = torch.add(A2[:, :, i1, c0:c1].unsqueeze(2), B2[:, :, i1:, c0:c1], out=q2[:4 * m * b].view(2, 2, m, b))
-            X = torch.add(x[0].unsqueeze(1), x[1].unsqueeze(0), out=sqx[:4 * m * b].view(2, 2, m, b))
-            v = torch.add(w[0].unsqueeze(1), w[1].unsqueeze(0), out=y[:4 * m * b].view(2, 2, m, b))
-            torch.div(X, v, out=v).mul_(X)
-            torch.amax(v.view(4, m, b), dim=1, out=stripmax[i1, :, c0:c1])
-    return stripmax
-
-
-_scripted(_iq1s_rows)  # compiled at import, while the source file is fresh (see common._scripted)
-_scripted(_iq1m_rows)
-
-
-def _iq1s_sums(r1, r2, tot, xv):
-    """quantize_row_iq1_s_impl's sumqx = (S[i1]-S[0])*x[0] + (S[i2]-S[i1])*x[1] + (S[32]-S[i2])*x[2] and sumq2
-    alike with W and x^2, in C's operation order. r1, r2, tot: (S, W) at i1, i2, 32; xv: the level values.
-    S[0] = W[0] = +0.0 and S[i1] is never -0.0, so S[i1] - S[0] is S[i1]."""
-    (S1, W1), (S2, W2), (T, TW) = r1[:2], r2[:2], tot[:2]
-    a, b, c = xv[:, 0], xv[:, 1], xv[:, 2]
-    return ((S1 * a + (S2 - S1) * b) + (T - S2) * c,
-            ((W1 * a) * a + ((W2 - W1) * b) * b) + ((TW - W2) * c) * c)
-
-
-M_V2 = XS[:, 2]  # quantize_row_iq1_m_impl's p2, m2
-M_C1 = XS[:, 0] * XS[:, 0] - XS[:, 1] * XS[:, 1]  # cp1, cm1
-M_C2 = XS[:, 1] * XS[:, 1] - XS[:, 2] * XS[:, 2]  # cp2, cm2
-# per k: (v2, c1, c2) of half 0's sign k >> 1, then of half 1's sign k & 1
-M_K = torch.stack([torch.stack([M_V2[k >> 1], M_C1[k >> 1], M_C2[k >> 1], M_V2[k & 1], M_C1[k & 1], M_C2[k & 1]])
-                   for k in range(4)])
-
-
-def _iq1m_sums(r1, r2, tot, k):
-    """quantize_row_iq1_m_impl's per half qx = txs*v[2] - (px[i1] + px[i2]), q2 = tws*v[2]*v[2] + pw[i1]*c1 +
-    pw[i2]*c2, then half 0 + half 1. r1, r2, tot: (px0, px1, pw0, pw1) at i1, i2, 16; k: M_K rows."""
-    sx, s2 = [], []
-    for h in range(2):
-        v2, c1, c2 = k[:, 3 * h], k[:, 3 * h + 1], k[:, 3 * h + 2]
-        sx.append(tot[h] * v2 - (r1[h] + r2[h]))
-        s2.append((((tot[2 + h] * v2) * v2) + r1[2 + h] * c1) + r2[2 + h] * c2)
-    return sx[0] + sx[1], s2[0] + s2[1]
-
-
-class _Sums:
-    """Candidates' (sumqx, sumq2) in C's operation order from the prefix sums pre [k, n+1, G] (`sums` is
-    _iq1s_sums or _iq1m_sums, `consts` its per-variant constants)."""
-
-    def __init__(self, pre: torch.Tensor, variants: int, sums, consts: torch.Tensor):
-        self.pre, self.n, self.G = pre, pre.shape[1] - 1, pre.shape[2]
-        self.flat = pre.view(pre.shape[0], -1)
-        self.cand, self.sums, self.consts = _candidates(self.n, variants), sums, consts
-
-    def exact(self, p, g):
-        """Of candidates p of groups g: [len(p)] each."""
-        c = self.cand
-        r1 = self.flat.index_select(1, c["i1"].index_select(0, p) * self.G + g)
-        r2 = self.flat.index_select(1, c["i2"].index_select(0, p) * self.G + g)
-        return self.sums(r1, r2, self.pre[:, self.n].index_select(1, g),
-                         self.consts.index_select(0, c["variant"].index_select(0, p)))
-
-    def strip(self, s):
-        """Along strip s [G] of every group: [n+1 (i2), G] each, and the strips' i1 [G]."""
-        c = self.cand
-        i1 = c["strip_i1"].index_select(0, s)
-        r1 = self.flat.index_select(1, i1 * self.G + torch.arange(self.G))
-        return self.sums(r1, self.pre, self.pre[:, self.n],
-                         self.consts.index_select(0, c["strip_variant"].index_select(0, s))), i1
-
-
-# ---- the C loop's choice ------------------------------------------------------------------------------------
-
-def _replay(g: torch.Tensor, rank: torch.Tensor, qx: torch.Tensor, q2: torch.Tensor, groups: int) -> torch.Tensor:
-    """C's `if (sumq2 > 0 && sumqx*sumqx > best*sumq2) {scale = sumqx/sumq2; best = scale*sumqx; ...}` over the
-    listed candidates of each group in C order (rank). Returns per group the entry kept last, -1 if none."""
-    win = torch.full((groups,), -1, dtype=torch.int64)
-    if not len(g):
-        return win
-    order = torch.argsort(g * (int(rank.max()) + 1) + rank)
-    g, qx, q2 = g[order], qx[order], q2[order]
-    v = (qx / q2) * qx
-    counts = torch.bincount(g, minlength=groups)
-    start = counts.cumsum(0) - counts
-    by_count = torch.argsort(counts, descending=True, stable=True)  # step t runs on a prefix of groups
-    cs, st = counts[by_count], start[by_count]
-    steps = int(cs[0])
-    alive = (groups - torch.bincount(cs, minlength=steps + 1).cumsum(0)).tolist()  # groups with > t entries
-    best = torch.full((groups,), -FLT_MAX)
-    keep = torch.full((groups,), -1, dtype=torch.int64)
-    for t in range(steps):
-        a = alive[t]
-        e = st[:a] + t
-        x, w = qx[e], q2[e]
-        ok = (w > 0) & (x * x > best[:a] * w)
-        best[:a] = torch.where(ok, v[e], best[:a])
-        keep[:a] = torch.where(ok, e, keep[:a])
-    win[by_count] = torch.where(keep >= 0, order[keep.clamp(min=0)], -1)
-    return win
-
-
-def _strips(strips: torch.Tensor, g: torch.Tensor, cand: dict[str, torch.Tensor]):
-    """All candidates (position, group) of the listed (strip, group) pairs."""
-    length = cand["len"][strips]
-    first = length.cumsum(0) - length
-    pos = torch.arange(int(length.sum())) + torch.repeat_interleave(cand["off"][strips] - first, length)
-    return pos, torch.repeat_interleave(g, length)
-
-
-def _select(stripmax: torch.Tensor, sc, skip: torch.Tensor):
-    """The candidate quantize_row_iq1_*_impl keeps per group: (position or -1, its sumqx, sumq2).
-
-    C keeps the first candidate with sumqx^2 > best*sumq2, best being the score v = (sumqx/sumq2)*sumqx of the
-    one kept before: while scores are normal floats, `v > best` up to a few ulp. So if a group's scores split
-    into "top" ones >= t and the rest < t*(1 - GAP), the first top one is taken whatever was kept before it, no
-    later other one can be, and replaying the top ones alone in C order gives C's choice. Mostly the top is a
-    single candidate, the best of the best strip (stripmax [strips, G]); otherwise it is cut at the highest such
-    gap among the scores within rel of the best. `sc` (_Sums) recomputes sums in C's order.
-    Groups without such a gap, or with scores too small for rounding to stay relative, replay all candidates."""
-    cand = sc.cand
-    G = stripmax.shape[1]
-    R = len(cand["rank"])
-    # (x - thr)^+ / (max - thr) is 1 at the best and 0 below thr, so it sums to 1 iff nothing else is close, and
-    # then its dot product with the index is the best one's index (float ops: comparisons are slow on CPU)
-    vmax = stripmax.amax(0)
-    thr = vmax * f32(1 - GAP)
-    span = vmax - thr
-    su = torch.mm(cand["strip_sum"], (stripmax - thr).clamp_(min=0).div_(span))  # [2, G]: sum, index sum
-    unique = su[0] == 1
-    strip = su[1].nan_to_num_(0).clamp_(0, len(cand["off"]) - 1).long()
-    (qx, q2), i1 = sc.strip(strip)  # [n+1 (i2), G] along each group's best strip
-    v = (qx / q2) * qx
-    v = torch.where(cand["upper"].index_select(1, i1), v, float("-inf"))  # i2 >= i1
-    su = torch.mm(cand["i2_sum"], (v - thr).clamp_(min=0).div_(span))
-    unique &= su[0] == 1
-    i2 = su[1].nan_to_num_(0).clamp_(0, len(v) - 1).long().unsqueeze(0)
-    qx, q2, v = qx.gather(0, i2)[0], q2.gather(0, i2)[0], v.gather(0, i2)[0]
-    pos = cand["off"].index_select(0, strip) + i2[0] - i1
-    one = ~skip & unique & (v >= TINY) & (v <= FLT_MAX) & (qx * qx >= TINY) & (q2 > 0)
-    pos = torch.where(one, pos, -1)
-    pending = (~skip & ~one & ~vmax.isnan()).nonzero().squeeze(1)
-    full = [(~skip & vmax.isnan()).nonzero().squeeze(1)]
-    found: list[tuple[torch.Tensor, ...]] = []
-    for rel in RELS:
-        if not len(pending):
-            break
-        low = vmax.index_select(0, pending) * f32(1 - rel)
-        r, j = torch.nonzero(stripmax.index_select(1, pending) >= low, as_tuple=True)
-        sp, j = _strips(r, j, cand)
-        sx, s2 = sc.exact(sp, pending[j])
-        sv = (sx / s2) * sx
-        keep = ((s2 > 0) & (sv >= low[j])).nonzero().squeeze(1)  # NaN fails too
-        sp, j, sx, s2, sv = sp[keep], j[keep], sx[keep], s2[keep], sv[keep]
-        # by group, scores descending: cut after the first score with a gap to the next one (or to `low`)
-        order = torch.sort(sv, descending=True, stable=True).indices
-        order = order[torch.sort(j[order], stable=True).indices]
-        sp, j, sx, s2, sv = sp[order], j[order], sx[order], s2[order], sv[order]
-        last = torch.ones_like(j, dtype=torch.bool)
-        last[:-1] = j[1:] != j[:-1]
-        nxt = torch.where(last, low[j] * f32(1 + 2 ** -20), sv.roll(-1))
-        i = torch.arange(len(j))
-        n = len(pending)
-        cut = torch.full((n,), len(j), dtype=torch.int64).scatter_reduce_(
-            0, j, torch.where(nxt < sv * f32(1 - GAP), i, len(j)), "amin")
-        ok = cut < len(j)  # a gap was found
-        top = (i <= cut[j]) & ok[j]
-        tiny = torch.zeros(n, dtype=torch.bool)  # rounding may not be relative there: replay all
-        tiny[j[top & ~((sv >= TINY) & (sx * sx >= TINY) & (sv <= FLT_MAX))]] = True
-        done = (top & ~tiny[j]).nonzero().squeeze(1)
-        found.append((sp[done], pending[j[done]], sx[done], s2[done]))
-        full.append(pending[tiny])
-        pending = pending[~ok & ~tiny]
-    full = torch.cat(full + [pending])
-    for f in range(0, len(full), FULL_SLICE):  # every valid candidate of these groups, a slice at a time
-        gs = full[f:f + FULL_SLICE]
-        sp, g = torch.arange(R).repeat(len(gs)), gs.repeat_interleave(R)
-        sx, s2 = sc.exact(sp, g)
-        ok = (s2 > 0).nonzero().squeeze(1)
-        found.append((sp[ok], g[ok], sx[ok], s2[ok]))
-        _keep(found, pos, qx, q2, cand, G)
-    _keep(found, pos, qx, q2, cand, G)
-    return pos, qx, q2
-
-
-def _keep(found: list, pos, qx, q2, cand, G: int) -> None:
-    """Replay the listed candidates (and empty the list) into each group's (pos, qx, q2)."""
-    if not found:
-        return
-    sp, g, sx, s2 = (torch.cat(t) for t in zip(*found))
-    found.clear()
-    e = _replay(g, cand["rank"][sp], sx, s2, G)
-    hit = (e >= 0).nonzero().squeeze(1)
-    e = e[hit]
-    pos[hit], qx[hit], q2[hit] = sp[e], sx[e], s2[e]
-
-
-# ---- onto the grid ------------------------------------------------------------------------------------------
-
-BUCKETS = (32, 64, 96, 128, 160, 256)  # neighbour lists are padded to the first that holds them (ggml's: 12..205)
+XS = np.array([[-1 + DELTA, DELTA, 1 + DELTA], [-1 - DELTA, -DELTA, 1 - DELTA]], dtype=np.float32)
+FLT_MAX = F32(np.finfo(np.float32).max)
+GROUP_MAX_EPS_IQ1_S = F32(1e-12)
+GROUP_MAX_EPS_IQ1_M = F32(1e-7)
 
 
 @lru_cache(maxsize=None)
-def _neighbour_tables():
-    """ggml's neighbour lists of the off-grid words in padded tables, one per list length bucket: per word its
-    (bucket, row), -1 where it has none; per bucket [rows, width] the grid indices and the base-3 codes of each
-    neighbour's first and last four levels (`_onto_grid`'s table columns; padding points at +inf)."""
+def _tables():
+    """The IQ1_S grid as numpy arrays: kmap (packed 2-bit word -> grid index or -1), the grid points' levels
+    [2048, 8], and the neighbour lists of off-grid words (word u's at first[u]:first[u+1], in ggml's order)
+    twice: their grid indices and, per neighbour, its levels packed for `_nearest_neighbour` (the base-3 code
+    of levels 0..3 in bits 0..7, level j = 4..7 in bits 2j..2j+1)."""
     grid = iq_grids.grid("IQ1_S")
-    nb = grid.neighbours.long()
-    count = (nb >= 0).sum(1)
-    where = torch.full((nb.shape[0], 2), -1, dtype=torch.int64)
-    tables = []
-    base3 = torch.tensor([1, 3, 9, 27])
-    low = 0
-    for b, width in enumerate(BUCKETS):
-        words = ((count > low) & (count <= width)).nonzero().squeeze(1)
-        where[words, 0], where[words, 1] = b, torch.arange(len(words))
-        lists = torch.nn.functional.pad(nb[words], (0, max(0, width - nb.shape[1])), value=-1)[:, :width]
-        pad = lists < 0
-        codes = grid.codes[lists.clamp(min=0)]  # [rows, width, 8]
-        lo = (codes[..., :4] * base3).sum(-1).masked_fill(pad, 162).int()
-        hi = ((codes[..., 4:] * base3).sum(-1) + 81).masked_fill(pad, 162).int()
-        tables.append((lists.clamp(min=0), lo, hi))
-        low = width
-    return where, tables
+    codes = grid.codes.numpy().astype(np.uint8)
+    kmap = grid.index.numpy().astype(np.int32)
+    nb = grid.neighbours.numpy()
+    first = np.zeros(len(nb) + 1, dtype=np.int32)
+    np.cumsum((nb >= 0).sum(1), out=first[1:])
+    flat = nb[nb >= 0].astype(np.int16)  # row-major: each word's list in order
+    c = codes.astype(np.int32)
+    packed = c[:, :4] @ np.array([1, 3, 9, 27]) + (c[:, 4:] << np.arange(8, 16, 2)).sum(1)
+    return kmap, codes, first, flat, packed[flat].astype(np.uint16)
 
 
-@lru_cache(maxsize=None)
-def _sum_tables() -> torch.Tensor:
-    """[24, 163] 0/1: e [word, 8*3] @ this = per word the 81 sums e[0][c0] + .. + e[3][c3] (column
-    c0 + 3c1 + 9c2 + 27c3), the 81 sums over elements 4..7, and a zero column (padding, set to +inf)."""
-    m = torch.zeros(24, 163)
-    col = torch.arange(81)
-    for j in range(8):
-        m[3 * j + col // 3 ** (j % 4) % 3, col + 81 * (j // 4)] = 1
+# ---- shared steps (per group, offset o into the block's x and weights) ----------------------------------
+
+@kernel
+def _weights(xb, qw, has_qw, w):
+    """w[256] = qw * sqrtf(sigma2 + x^2), sigma2 = 2*sum(x^2)/QK_K (float, in element order); x^2 without qw."""
+    sumx2 = F32(0)
+    for i in range(256):
+        sumx2 += xb[i] * xb[i]
+    sigma2 = F32(2) * sumx2 / F32(256)
+    for i in range(256):
+        w[i] = qw[i] * np.sqrt(sigma2 + xb[i] * xb[i]) if has_qw else xb[i] * xb[i]
+
+
+@kernel
+def _group_max(xb, o, n):
+    """C's max of fabsf over the group: max = MAX(max, fabsf(x))."""
+    m = abs(xb[o])
+    for i in range(1, n):
+        a = abs(xb[o + i])
+        m = m if m > a else a
     return m
 
 
-def _onto_grid(u: torch.Tensor, xx: torch.Tensor, scale: torch.Tensor, x8: torch.Tensor, w8: torch.Tensor):
-    """iq1_find_best_neighbour2 for off-grid words u [S]: the first neighbour with the least d2 = sum of
-    w*(scale*q - x)^2 in element order. xx [S, 3] level values, scale [S], x8 / w8 [S, 8].
+@kernel
+def _sort_group(xb, o, n, order):
+    """order[:n]: the group's positions by ascending value, ties in element order: the order of glibc's qsort
+    with iq1_sort_helper (a stable merge sort at these sizes; `<` takes -0.0 as 0.0). Each element's place is
+    the count of those before it (a branch-free count); with a NaN, counts are no order (and the group finds
+    no split, so any order will do): then an insertion sort."""
+    nan = False
+    for i in range(n):
+        nan |= xb[o + i] != xb[o + i]
+    if nan:
+        for i in range(n):
+            j = i
+            while j > 0 and xb[o + order[j - 1]] > xb[o + i]:
+                order[j] = order[j - 1]
+                j -= 1
+            order[j] = i
+        return
+    for i in range(n):
+        v = xb[o + i]
+        r = 0
+        for j in range(i):
+            r += xb[o + j] <= v
+        for j in range(i + 1, n):
+            r += xb[o + j] < v
+        order[r] = i
 
-    Two passes: per neighbour, a sum of its first four terms and one of its last four (each in some order, from
-    a matrix product) is within 16 ulp of d2 (all terms are >= 0). A word whose least such sum has no other
-    within 64 ulp takes that neighbour; the others sum their close neighbours again in C's order."""
-    where, tables = _neighbour_tables()
-    n = len(u)
-    diff = scale[:, None, None] * xx[:, None, :] - x8[:, :, None]  # [S, 8 elements, 3 levels]
-    e = ((w8[:, :, None] * diff) * diff).view(n, 24)
-    T = torch.mm(e, _sum_tables())
-    T[:, 162] = float("inf")
-    bucket, row = where[u].unbind(1)
-    gid, lo, hi = (list(t) for t in zip(*tables))
-    return _scripted(_nearest)(T.view(-1), e.view(-1), bucket, row, gid, lo, hi, iq_grids.grid("IQ1_S").codes,
-                               1 + 64 * U, FLT_MAX)
+
+@kernel
+def _nearest_neighbour(xb, w, o, scale, xx, row, first, last, flat, packed, e, lo4):
+    """iq1_find_best_neighbour2: the first listed grid point with the least d2 = sum over the word of
+    w*(scale*xx[row, level] - x)^2, summed in element order from 0 (`d2 < best`, best from FLT_MAX).
+
+    e[3*j + l] is element j's term at level l, the C's own product (w*diff)*diff, and lo4 the 81 sums of the
+    first four in C's order, so d2 = (((lo4 + e4) + e5) + e6) + e7 exactly: 5 lookups and 4 adds per
+    neighbour, without branches but the rare `d2 < best`."""
+    for j in range(8):
+        for lv in range(3):
+            diff = scale * xx[row, lv] - xb[o + j]
+            e[3 * j + lv] = (w[o + j] * diff) * diff
+    for c0 in range(3):  # lo4[c0 + 3*c1 + 9*c2 + 27*c3]
+        s1 = F32(0) + e[c0]
+        for c1 in range(3):
+            s2 = s1 + e[3 + c1]
+            for c2 in range(3):
+                s3 = s2 + e[6 + c2]
+                for c3 in range(3):
+                    lo4[c0 + 3 * c1 + 9 * c2 + 27 * c3] = s3 + e[9 + c3]
+    best = FLT_MAX
+    index = -1
+    for p in range(first, last):
+        t = packed[p]
+        d2 = (((lo4[t & 255] + e[12 + ((t >> 8) & 3)]) + e[15 + ((t >> 10) & 3)]) + e[18 + ((t >> 12) & 3)]) \
+            + e[21 + (t >> 14)]
+        if d2 < best:
+            best = d2
+            index = p
+    # no neighbour below FLT_MAX: ggml goes on over the whole grid reading past the word (and then aborts);
+    # we keep the first neighbour
+    return flat[first] if index < 0 else flat[index]
 
 
-def _nearest(Tf: torch.Tensor, ef: torch.Tensor, bucket: torch.Tensor, row: torch.Tensor, gids: List[torch.Tensor],
-             los: List[torch.Tensor], his: List[torch.Tensor], codes: torch.Tensor, close_by: float,
-             flt_max: float) -> torch.Tensor:
-    """`_onto_grid`'s search over the neighbour tables, bucket by bucket (TorchScript: no GIL, less overhead)."""
-    n = bucket.shape[0]
-    index = torch.empty(n, dtype=torch.int64)
-    for b in range(len(gids)):
-        gid, lo, hi = gids[b], los[b], his[b]
-        ws = (bucket == b).nonzero().squeeze(1)
-        if ws.shape[0] == 0:
+@kernel
+def _onto_grid(xb, w, o, n, L, scale, xx, word_neg, kmap, codes, first, flat, packed, e, lo4, index):
+    """Grid index per 8-element word of the group's levels L (index[:n//8]); word k's level values are
+    xx[word_neg[k]]. Returns the scale, refit over the grid points when a word was off the grid."""
+    on_grid = True
+    for k in range(n // 8):
+        u = 0
+        for j in range(8):
+            u |= L[8 * k + j] << (2 * j)
+        g = kmap[u]
+        if g < 0:
+            on_grid = False
+            g = _nearest_neighbour(xb, w, o + 8 * k, scale, xx, word_neg[k], first[u], first[u + 1], flat,
+                                   packed, e, lo4)
+        index[k] = g
+    if on_grid:
+        return scale
+    sumqx = F32(0)
+    sumq2 = F32(0)
+    for k in range(n // 8):
+        v = xx[word_neg[k]]
+        for j in range(8):
+            q = v[codes[index[k], j]]
+            wq = w[o + 8 * k + j] * q
+            sumqx += wq * xb[o + 8 * k + j]
+            sumq2 += wq * q
+    return sumqx / sumq2 if sumqx > 0 and sumq2 > 0 else scale
+
+
+@kernel
+def _levels_of_split(order, n, i1, i2, L):
+    """L[element] = 0, 1, 2 for sorted positions < i1, < i2, the rest."""
+    for j in range(n):
+        L[order[j]] = 0 if j < i1 else (1 if j < i2 else 2)
+
+
+@kernel
+def _scale_code(idv, scale):
+    """The 3-bit group scale: nearest_int(0.5*(scale/d - 1)) clamped to 0..7."""
+    return max(0, min(7, nearest_int(F32(0.5) * (idv * scale - F32(1)))))
+
+
+# ---- IQ1_S --------------------------------------------------------------------------------------------
+
+@kernel
+def _iq1s_split(xb, w, o, order, S, W, T):
+    """quantize_row_iq1_s_impl's search over i1 <= i2 <= 32, shift +DELTA then -DELTA per pair ->
+    (i1 or -1, i2, shift 1 / -1, scale). S, W [33]: prefix sums; T [8, 33] scratch for the terms of sumqx
+    and sumq2 that depend on i1 or i2 alone."""
+    n = 32
+    S[0] = F32(0)
+    W[0] = F32(0)
+    for j in range(n):
+        i = o + order[j]
+        S[j + 1] = S[j] + w[i] * xb[i]
+        W[j + 1] = W[j] + w[i]
+    p0, p1, p2 = XS[0, 0], XS[0, 1], XS[0, 2]
+    m0, m2 = XS[1, 0], XS[1, 2]
+    for i in range(n + 1):
+        T[0, i] = (S[i] - S[0]) * p0
+        T[1, i] = (S[i] - S[0]) * m0
+        T[2, i] = (S[n] - S[i]) * p2
+        T[3, i] = (S[n] - S[i]) * m2
+        T[4, i] = ((W[i] - W[0]) * p0) * p0
+        T[5, i] = ((W[i] - W[0]) * m0) * m0
+        T[6, i] = ((W[n] - W[i]) * p2) * p2
+        T[7, i] = ((W[n] - W[i]) * m2) * m2
+    # middle level: (dS*x_m[1]) = -(dS*x_p[1]) and ((dW*x_m[1])*x_m[1]) = ((dW*x_p[1])*x_p[1]), exactly
+    best = -FLT_MAX
+    scale = F32(0)
+    bi1, bi2, shift = -1, -1, 0
+    for i1 in range(n + 1):
+        s1, w1 = S[i1], W[i1]
+        ap, am, awp, awm = T[0, i1], T[1, i1], T[4, i1], T[5, i1]
+        hit = False
+        for i2 in range(i1, n + 1):  # does any candidate pass against the best at the strip's start?
+            t = (S[i2] - s1) * p1
+            u = ((W[i2] - w1) * p1) * p1
+            qp, q2p = (ap + t) + T[2, i2], (awp + u) + T[6, i2]
+            qm, q2m = (am - t) + T[3, i2], (awm + u) + T[7, i2]
+            hit |= ((q2p > 0) & (qp * qp > best * q2p)) | ((q2m > 0) & (qm * qm > best * q2m))
+        if not hit:
             continue
-        r, col = row[ws], (ws * 163).int().unsqueeze(1)
-        K = lo.shape[1]
-        approx = Tf.index_select(0, lo.index_select(0, r).add_(col).view(-1)).view(-1, K)  # [words, K]
-        approx += Tf.index_select(0, hi.index_select(0, r).add_(col).view(-1)).view(-1, K)
-        least = approx.amin(1, keepdim=True)
-        thr = least * close_by + 1e-43
-        span = (thr - least).squeeze(1)
-        # (thr - approx)^+ is span at the least sum and 0 past thr: its sum is span iff no other is close, and its
-        # dot product with the index is then span * index (float ops and a product: comparisons are slow on CPU)
-        cols = torch.stack([torch.ones(K), torch.arange(K, dtype=torch.float32)], 1)
-        sums = torch.mm((thr - approx).clamp_(min=0), cols)
-        alone = (sums[:, 0] == span) & torch.isfinite(span)
-        k = (sums[:, 1] / span).round_().nan_to_num_(0.0).clamp_(0, K - 1).long()
-        index[ws] = gid.view(-1).index_select(0, r * K + k)
-        multi = (~alone).nonzero().squeeze(1)
-        if multi.shape[0] == 0:
+        for i2 in range(i1, n + 1):  # C's loop over the strip
+            t = (S[i2] - s1) * p1
+            u = ((W[i2] - w1) * p1) * p1
+            qp, q2p = (ap + t) + T[2, i2], (awp + u) + T[6, i2]
+            if q2p > 0 and qp * qp > best * q2p:
+                scale = qp / q2p
+                best = scale * qp
+                bi1, bi2, shift = i1, i2, 1
+            qm, q2m = (am - t) + T[3, i2], (awm + u) + T[7, i2]
+            if q2m > 0 and qm * qm > best * q2m:
+                scale = qm / q2m
+                best = scale * qm
+                bi1, bi2, shift = i1, i2, -1
+    return bi1, bi2, shift, scale
+
+
+@kernel
+def _quantize_iq1_s(x, qw, out, d_out, kmap, codes, first, flat, packed):
+    """Blocks x, qw [nb, 256] -> out [nb, 50] (fp16 d left to the caller) and d_out [nb]: d*1.125, 0 where
+    every group's scale is 0 (C writes d = 0 there and no scale bits)."""
+    w = np.empty(256, np.float32)
+    order = np.empty(32, np.int64)
+    L = np.empty(32, np.int64)
+    S = np.empty(33, np.float32)
+    W = np.empty(33, np.float32)
+    T = np.empty((8, 33), np.float32)
+    e = np.empty(24, np.float32)
+    lo4 = np.empty(81, np.float32)
+    index = np.empty(4, np.int64)
+    word_neg = np.zeros(4, np.int64)
+    scales = np.empty(8, np.float32)
+    shifts = np.empty(8, np.int64)
+    for b in range(x.shape[0]):
+        xb, ob = x[b], out[b]
+        ob[:] = 0
+        _weights(xb, qw[b], True, w)
+        max_scale = F32(0)
+        for ib in range(8):
+            o = 32 * ib
+            scales[ib], shifts[ib] = 0, 1
+            if _group_max(xb, o, 32) < GROUP_MAX_EPS_IQ1_S:
+                continue
+            _sort_group(xb, o, 32, order)
+            i1, i2, shift, scale = _iq1s_split(xb, w, o, order, S, W, T)
+            if i1 < 0:
+                continue
+            _levels_of_split(order, 32, i1, i2, L)
+            if scale < 0:
+                for j in range(32):
+                    L[j] = 2 - L[j]
+                scale = -scale
+                shift = -shift
+            word_neg[:] = 0 if shift == 1 else 1
+            scale = _onto_grid(xb, w, o, 32, L, scale, XS, word_neg, kmap, codes, first, flat, packed,
+                               e, lo4, index)
+            h = 0
+            for k in range(4):
+                ob[2 + 4 * ib + k] = index[k] & 255
+                h |= (index[k] >> 8) << (3 * k)
+            ob[34 + 2 * ib] = h & 255
+            ob[35 + 2 * ib] = h >> 8
+            scales[ib], shifts[ib] = scale, shift
+            max_scale = max_scale if max_scale > scale else scale
+        d_out[b] = 0
+        if not max_scale != 0:  # C: `if (!max_scale) continue;` (a NaN goes on)
             continue
-        # C's loop for the rest: in list order, d2 summed in element order, the first strictly least (< FLT_MAX)
-        close = torch.where(torch.isfinite(least[multi]), approx[multi] <= thr[multi], torch.ones_like(thr[multi]) > 0)
-        wk = torch.nonzero(close & (lo.index_select(0, r[multi]) < 162))
-        w, k = multi[wk[:, 0]], wk[:, 1]
-        if w.shape[0] == 0:
+        d = max_scale / F32(15)
+        d_out[b] = d * F32(1.125)
+        idv = F32(1) / d
+        for ib in range(8):
+            l = _scale_code(idv, scales[ib]) | (8 if shifts[ib] == -1 else 0)
+            ob[35 + 2 * ib] |= l << 4
+    return d_out
+
+
+# ---- IQ1_M --------------------------------------------------------------------------------------------
+
+@kernel
+def _iq1m_split(xb, w, o, order, P, PW, A2, B2, TX):
+    """quantize_row_iq1_m_impl's search over i1 <= i2 <= 16 and k = 2*sign(half 0) + sign(half 1) (0: +DELTA,
+    1: -DELTA) -> (i1 or -1, i2, k, scale). Per half h the C scores sumqx = txs*v2 - (px[i1] + px[i2]) and
+    sumq2 = ((tws*v2)*v2 + pw[i1]*c1) + pw[i2]*c2 from prefix sums P, PW [2, 17] kept per half; A2, B2
+    [2 halves, 2 signs, 17] hold the i1 and i2 terms of sumq2, TX [2, 2] txs*v2."""
+    n = 16
+    P[0, 0] = P[1, 0] = PW[0, 0] = PW[1, 0] = F32(0)
+    for j in range(n):
+        i = order[j]
+        h = 0 if i < 8 else 1
+        P[h, j + 1] = P[h, j] + w[o + i] * xb[o + i]
+        P[1 - h, j + 1] = P[1 - h, j]
+        PW[h, j + 1] = PW[h, j] + w[o + i]
+        PW[1 - h, j + 1] = PW[1 - h, j]
+    for s in range(2):
+        v0, v1, v2 = XS[s, 0], XS[s, 1], XS[s, 2]
+        c1, c2 = v0 * v0 - v1 * v1, v1 * v1 - v2 * v2
+        for h in range(2):
+            TX[h, s] = P[h, n] * v2
+            a = (PW[h, n] * v2) * v2
+            for i in range(n + 1):
+                A2[h, s, i] = a + PW[h, i] * c1
+                B2[h, s, i] = PW[h, i] * c2
+    best = -FLT_MAX
+    scale = F32(0)
+    bi1, bi2, bk = -1, -1, -1
+    for i1 in range(n + 1):
+        hit = False
+        for i2 in range(i1, n + 1):  # does any candidate pass against the best at the strip's start?
+            sx0, sx1 = P[0, i1] + P[0, i2], P[1, i1] + P[1, i2]
+            x0p, x0m, x1p, x1m = TX[0, 0] - sx0, TX[0, 1] - sx0, TX[1, 0] - sx1, TX[1, 1] - sx1
+            w0p, w0m = A2[0, 0, i1] + B2[0, 0, i2], A2[0, 1, i1] + B2[0, 1, i2]
+            w1p, w1m = A2[1, 0, i1] + B2[1, 0, i2], A2[1, 1, i1] + B2[1, 1, i2]
+            for qx, q2 in ((x0p + x1p, w0p + w1p), (x0p + x1m, w0p + w1m),
+                           (x0m + x1p, w0m + w1p), (x0m + x1m, w0m + w1m)):
+                hit |= (q2 > 0) & (qx * qx > best * q2)
+        if not hit:
             continue
-        cand = gid.view(-1).index_select(0, r[w] * K + k)
-        cw = codes.index_select(0, cand)  # [F, 8]
-        at = ws[w] * 24
-        d2 = ef[at + cw[:, 0]]
-        for j in range(1, 8):
-            d2 = d2 + ef[at + 3 * j + cw[:, j]]
-        d2 = torch.where(d2 < flt_max, d2, torch.full_like(d2, float("inf")))
-        best = torch.full((ws.shape[0],), float("inf")).scatter_reduce_(0, w, d2, "amin")
-        first = torch.where(d2 == best[w], torch.arange(w.shape[0]), w.shape[0])  # nonzero lists in list order
-        first = torch.full((ws.shape[0],), w.shape[0], dtype=torch.int64).scatter_reduce_(0, w, first, "amin")
-        index[ws[multi]] = cand[first[multi].clamp_(max=w.shape[0] - 1)]
-    return index
+        for i2 in range(i1, n + 1):  # C's loop over the strip
+            sx0, sx1 = P[0, i1] + P[0, i2], P[1, i1] + P[1, i2]
+            for k in range(4):
+                a, c = k >> 1, k & 1
+                qx = (TX[0, a] - sx0) + (TX[1, c] - sx1)
+                q2 = (A2[0, a, i1] + B2[0, a, i2]) + (A2[1, c, i1] + B2[1, c, i2])
+                if q2 > 0 and qx * qx > best * q2:
+                    scale = qx / q2
+                    best = scale * qx
+                    bi1, bi2, bk = i1, i2, k
+    return bi1, bi2, bk, scale
 
 
-def _levels(index: torch.Tensor) -> torch.Tensor:
-    return iq_grids.grid("IQ1_S").codes[index]
+@kernel
+def _quantize_iq1_m(x, qw, has_qw, out, d_out, live, kmap, codes, first, flat, packed):
+    """Blocks x [nb, 256] (qw [nb, 256] if has_qw) -> out [nb, 56] without the fp16 d nibbles, d_out [nb]:
+    d*1.1125 and live [nb]: whether the block has a nonzero group scale (C writes its scale bytes then)."""
+    w = np.empty(256, np.float32)
+    order = np.empty(16, np.int64)
+    L = np.empty(16, np.int64)
+    P = np.empty((2, 17), np.float32)
+    PW = np.empty((2, 17), np.float32)
+    A2 = np.empty((2, 2, 17), np.float32)
+    B2 = np.empty((2, 2, 17), np.float32)
+    TX = np.empty((2, 2), np.float32)
+    e = np.empty(24, np.float32)
+    lo4 = np.empty(81, np.float32)
+    index = np.empty(2, np.int64)
+    word_neg = np.empty(2, np.int64)
+    scales = np.empty(16, np.float32)
+    shifts = np.empty(16, np.int64)
+    grid_index = np.empty((16, 2), np.int64)
+    masks = (0x00, 0x80, 0x08, 0x88)
+    for b in range(x.shape[0]):
+        xb, ob = x[b], out[b]
+        ob[:] = 0
+        _weights(xb, qw[b] if has_qw else xb, has_qw, w)
+        max_scale = F32(0)
+        for ib in range(16):
+            o = 16 * ib
+            scales[ib], shifts[ib] = 0, 0
+            grid_index[ib, 0] = grid_index[ib, 1] = 0
+            if _group_max(xb, o, 16) < GROUP_MAX_EPS_IQ1_M:
+                continue
+            _sort_group(xb, o, 16, order)
+            i1, i2, k, scale = _iq1m_split(xb, w, o, order, P, PW, A2, B2, TX)
+            if i1 < 0:
+                continue
+            _levels_of_split(order, 16, i1, i2, L)
+            if scale < 0:
+                for j in range(16):
+                    L[j] = 2 - L[j]
+                scale = -scale
+                k = 3 - k
+            word_neg[0], word_neg[1] = k >> 1, k & 1
+            scale = _onto_grid(xb, w, o, 16, L, scale, XS, word_neg, kmap, codes, first, flat, packed,
+                               e, lo4, index)
+            ob[2 * ib] = index[0] & 255
+            ob[2 * ib + 1] = index[1] & 255
+            ob[32 + ib] = (index[0] >> 8) | ((index[1] >> 8) << 4)
+            grid_index[ib, 0], grid_index[ib, 1] = index[0], index[1]
+            scales[ib], shifts[ib] = scale, k
+            max_scale = max_scale if max_scale > scale else scale
+        live[b] = False
+        d_out[b] = 0
+        if not max_scale != 0:
+            continue
+        live[b] = True
+        d = max_scale / F32(15)
+        idv = F32(1) / d
+        sumqx = F32(0)
+        sumq2 = F32(0)
+        for ib in range(16):  # refit d over the block's grid points and 3-bit scales
+            l = _scale_code(idv, scales[ib])
+            s = 48 + 2 * (ib // 4)
+            v = l << (3 * (ib % 4))
+            ob[s] |= v & 255
+            ob[s + 1] |= v >> 8
+            ob[32 + ib] |= masks[shifts[ib]]
+            m = F32(2 * l + 1)
+            for kw in range(2):
+                xx = XS[shifts[ib] >> 1] if kw == 0 else XS[shifts[ib] & 1]
+                for j in range(8):
+                    i = 16 * ib + 8 * kw + j
+                    q = xx[codes[grid_index[ib, kw], j]] * m
+                    wq = w[i] * q
+                    sumqx += wq * xb[i]
+                    sumq2 += wq * q
+        if sumq2 > 0:
+            d = sumqx / sumq2
+        d_out[b] = d * F32(1.1125)
+    return d_out
 
 
-_scripted(_nearest)
-
-
-# ---- shared steps -------------------------------------------------------------------------------------------
-
-def _weights(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
-    """[blocks, 256]: qw * sqrtf(sigma2 + x^2), sigma2 = 2*sum(x^2)/QK_K; x^2 without imatrix."""
-    if qw is None:
-        return x * x
-    sigma2 = sum_squares(x) * f32(2 / 256)
-    return qw * sqrtf_(sigma2[:, None] + x * x)
-
-
-def _sorted_terms(xg: torch.Tensor, wg: torch.Tensor, eps: float):
-    """Groups [G, n] -> (skip = max|x| < eps, sort order [G, n], sorted w*x and w element-major [n, G]).
-    Sorted by (value, index): the order of a stable sort, with -0.0 equal to 0.0 as in iq1_sort_helper."""
-    skip = ~(xg.abs().amax(1) >= eps)
-    n = xg.shape[1]
-    bits = (xg + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into 0.0
-    shift = n.bit_length() - 1  # n is a power of two
-    key = ((bits ^ ((bits >> 31) & 0x7FFFFFFF)).long() << shift) | torch.arange(n)  # ordered as (float, index)
-    order = torch.sort(key, dim=1).values.bitwise_and_(n - 1)
-    wx = (wg * xg).gather(1, order).t().contiguous()
-    ws = wg.gather(1, order).t().contiguous()
-    return skip, order, wx, ws
-
-
-def _prefix(t: torch.Tensor) -> torch.Tensor:
-    """[k, n, G] -> [k, n+1, G] = 0, t0, t0+t1, ... in order (torch.cumsum accumulates in double)."""
-    out = torch.zeros(t.shape[0], t.shape[1] + 1, t.shape[2])
-    for j in range(t.shape[1]):
-        torch.add(out[:, j], t[:, j], out=out[:, j + 1])
-    return out
-
-
-_scripted(_prefix)
-
-
-def _split(order, pos, qx, q2, cand, flip):
-    """Levels [G, n] in element order of the kept split, its scale and variant, after C's sign flip (scale < 0:
-    L = 2 - L, scale = -scale, variant -> flip - variant). Groups without one: scale 0, variant 0."""
-    found = pos >= 0
-    p = pos.clamp(min=0)
-    scale = torch.where(found, qx / q2, 0.0)
-    j = torch.arange(order.shape[1])
-    lev = (j >= cand["i1"][p, None]).long() + (j >= cand["i2"][p, None]).long()
-    L = torch.empty_like(lev).scatter_(1, order, lev)
-    neg = scale < 0
-    L = torch.where(neg[:, None], 2 - L, L)
-    variant = torch.where(neg, flip - cand["variant"][p], cand["variant"][p])
-    return found, L, torch.where(neg, -scale, scale), torch.where(found, variant, 0)
-
-
-def _words(found, L, shift, scale, xg, wg):
-    """Grid index per 8-element word [G, per] (0 where no split was kept), the refit scale (where a word was off
-    the grid: sumqx/sumq2 over the group's grid levels, if both are > 0) and the level values q [G, n] of the
-    grid points. shift [G, per]: 0 for +DELTA, 1 for -DELTA per word."""
-    G, per = shift.shape
-    grid = iq_grids.grid("IQ1_S")
-    u = grid.word(L.view(G, per, 8))
-    index = grid.index[u]
-    offgrid = index < 0
-    off = (offgrid & found[:, None]).view(-1).nonzero().squeeze(1)
-    index = index.clamp_(min=0).masked_fill_(~found[:, None], 0).view(-1)
-    if len(off):
-        g = off >> (per.bit_length() - 1)
-        index[off] = _onto_grid(u.view(-1)[off], XS.index_select(0, shift.reshape(-1)[off]), scale[g],
-                                xg.view(-1, 8)[off], wg.view(-1, 8)[off])
-    index = index.view(G, per)
-    delta = (DELTA - 2 * DELTA * shift).float()  # the level values are (level - 1) + delta, exactly
-    q = ((_levels(index) - 1).float() + delta[:, :, None]).view(G, -1)
-    wq = wg * q
-    sqx, sq2 = seqsum((wq * xg).t()), seqsum((wq * q).t())
-    refit = found & offgrid.any(1) & (sqx > 0) & (sq2 > 0)
-    return index, torch.where(refit, sqx / sq2, scale), q
-
-
-def _group_scales(scales: torch.Tensor):
-    """Block max_scale, d = max_scale/15 and the 3-bit codes nearest_int(0.5*(scales/d - 1)) of [nb, k] scales."""
-    max_scale = scales.amax(1)
-    d = max_scale / f32(15)
-    idv = torch.ones_like(d) / d
-    return max_scale, d, nearest_int(f32(0.5) * (idv[:, None] * scales - 1)).clamp(0, 7)
-
+# ---- the types ----------------------------------------------------------------------------------------
 
 def _u16_bytes(v: torch.Tensor) -> torch.Tensor:
     """int [nb, k] < 2^16 -> little-endian bytes [nb, 2k]."""
     return torch.stack([v & 255, v >> 8], 2).view(v.shape[0], -1).to(torch.uint8)
 
 
-def _on_cpu(q: Quantizer, x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
-    return q.quantize_blocks(x.cpu(), None if qw is None else qw.cpu())
+def _levels(index: torch.Tensor) -> torch.Tensor:
+    return iq_grids.grid("IQ1_S").codes[index]
 
 
-# ---- the types ----------------------------------------------------------------------------------------------
+def _arrays(x: torch.Tensor, qw: torch.Tensor | None):
+    """Zero-copy numpy views of a chunk's blocks (contiguous float32 ones; others are copied once)."""
+    xn = np.ascontiguousarray(x.numpy(), dtype=np.float32)
+    return xn, (xn if qw is None else np.ascontiguousarray(qw.numpy(), dtype=np.float32))
 
-class IQ1_S(Quantizer, name="IQ1_S"):
+
+class _OnCPU(Quantizer):
+    """The searches run on the CPU: a non-CPU input is quantized there and its bytes returned to its device."""
+
+    chunk = 256  # blocks per kernel call: many calls keep the worker threads evenly busy
+
+    def quantize_blocks(self, x, qw=None):
+        if x.device.type != "cpu":
+            return super().quantize_blocks(x.cpu(), None if qw is None else qw.cpu()).to(x.device)
+        return super().quantize_blocks(x, qw)
+
+
+class IQ1_S(_OnCPU, name="IQ1_S"):
     """256-blocks of 8 x 32: fp16 d, qs[32] low grid-index bytes, qh[8] u16 (3 high index bits per word, the
     3-bit scale s at bit 12, the shift sign at 15); y = d*(2s+1) * (grid +- DELTA). Needs an imatrix."""
 
     fp16_scales = slice(0, 2)
-    chunk = 1024  # big chunks: fewer ops per block, so the two worker threads rarely wait on each other
 
     def quantize_chunk(self, out, x, qw, buf):
         if qw is None:
             raise ValueError("IQ1_S needs an importance matrix (ggml_quantize_requires_imatrix)")
-        if x.device.type != "cpu":  # the searches run on the CPU (their tables live there)
-            return out.copy_(_on_cpu(self, x, qw))
-        nb = x.shape[0]
-        G = nb * 8
-        xg = x.view(G, 32)
-        wg = _weights(x, qw).view(G, 32)
-        skip, order, wx, ws = _sorted_terms(xg, wg, GROUP_MAX_EPS_IQ1_S)
-        pre = _scripted(_prefix)(torch.stack([wx, ws]))
-        S, W = pre.unbind(0)
-        x0, x2 = XS[:, 0, None, None], XS[:, 2, None, None]
-        A, C = S * x0, (S[32] - S) * x2
-        AW, CW = (W * x0) * x0, ((W[32] - W) * x2) * x2
-        B = min(G, ROW_BLOCK)
-        stripmax = _scripted(_iq1s_rows)(S, W, A, C, AW, CW, buf("d", 33 * B), buf("qx", 66 * B),
-                                         buf("y", 66 * B), buf("stripmax", 33, 2, G), DELTA, DELTA * DELTA, B)
-        sc = _Sums(pre, 2, _iq1s_sums, XS)
-        found, L, scale, shift = _split(order, *_select(stripmax.view(66, G), sc, skip), sc.cand, flip=1)
-        index, scale, _ = _words(found, L, shift[:, None].expand(G, 4), scale, xg, wg)
-        max_scale, d, l = _group_scales(scale.view(nb, 8))
-        live = (max_scale != 0)[:, None]  # C skips the scale bytes of a block whose groups all have scale 0
-        l = torch.where(live, l | (shift.view(nb, 8).int() << 3), 0)
-        index = index.view(nb, 8, 4)
-        qh = ((index >> 8) << torch.tensor([0, 3, 6, 9])).sum(2) | (l.long() << 12)
-        out[:, 0:2] = fp16_bytes(torch.where(live, d[:, None] * f32(1.125), 0.0))
-        out[:, 2:34] = (index & 255).view(nb, 32).to(torch.uint8)
-        out[:, 34:50] = _u16_bytes(qh)
+        o = out.numpy()
+        d = _quantize_iq1_s(*_arrays(x, qw), o, np.empty(len(o), np.float32), *_tables())
+        o[:, 0:2] = d.astype(np.float16).view(np.uint8).reshape(-1, 2)
 
     def dequantize_blocks(self, b):
         if b.device.type != "cpu":
@@ -562,55 +485,21 @@ class IQ1_S(Quantizer, name="IQ1_S"):
         return (dl[:, :, None] * (g + delta[:, :, None])).view(nb, 256)
 
 
-class IQ1_M(Quantizer, name="IQ1_M"):
+class IQ1_M(_OnCPU, name="IQ1_M"):
     """256-blocks of 16 x 16: qs[32] low grid-index bytes, qh[16] (3 high index bits and a shift sign per word),
     scales[8] = 4 u16 of 3-bit group scales s whose top nibbles hold the fp16 block scale d;
     y = d*(2s+1) * (grid +- DELTA). An imatrix is optional."""
 
-    chunk = 1024
-
     def quantize_chunk(self, out, x, qw, buf):
-        if x.device.type != "cpu":
-            return out.copy_(_on_cpu(self, x, qw))
-        nb = x.shape[0]
-        G = nb * 16
-        xg = x.view(G, 16)
-        w = _weights(x, qw)
-        wg = w.view(G, 16)
-        skip, order, wx, ws = _sorted_terms(xg, wg, GROUP_MAX_EPS_IQ1_M)
-        second = (order >= 8).t().float()  # [16, G]: the sorted element is in the group's second half
-        first = 1 - second  # + 0.0 * term leaves a prefix sum as it is: C's px[1-h][j+1] = px[1-h][j]
-        pre = _scripted(_prefix)(torch.stack([wx * first, wx * second, ws * first, ws * second]))  # [4, 17, G]
-        P, PW = pre[0:2], pre[2:4]  # [h, 17, G]
-        v2, c1, c2 = M_V2, M_C1, M_C2
-        txs, tws = P[:, 16], PW[:, 16]  # [h, G]
-        TX = txs[:, None] * v2[None, :, None]  # [h, sign, G]
-        A2 = ((tws[:, None] * v2[None, :, None]) * v2[None, :, None])[:, :, None] + PW[:, None] * c1[:, None, None]
-        B2 = PW[:, None] * c2[:, None, None]  # [h, sign, 17, G]
-        B = min(G, ROW_BLOCK)
-        stripmax = _scripted(_iq1m_rows)(P, TX, A2, B2, buf("sx", 34 * B), buf("qx", 68 * B), buf("q2", 68 * B),
-                                         buf("sqx", 68 * B), buf("y", 68 * B), buf("stripmax", 17, 4, G), B)
-        sc = _Sums(pre, 4, _iq1m_sums, M_K)
-        found, L, scale, k = _split(order, *_select(stripmax.view(68, G), sc, skip), sc.cand, flip=3)
-        shifts = torch.stack([k >> 1, k & 1], 1)  # [G, 2] per word 0: +DELTA, 1: -DELTA
-        index, scale, q = _words(found, L, shifts, scale, xg, wg)
-        max_scale, d, l = _group_scales(scale.view(nb, 16))
-        # d refit over all 256 elements with their stored grid points and 3-bit scales
-        q = q.view(nb, 256) * (2 * l + 1).float().repeat_interleave(16, 1)
-        wq = w * q
-        sqx, sq2 = seqsum((wq * x).t()), seqsum((wq * q).t())
-        d = torch.where(sq2 > 0, sqx / sq2, d)
-        s16 = fp16_bytes((d * f32(1.1125))[:, None]).long()
-        s16 = s16[:, 0] | (s16[:, 1] << 8)
-        live = (max_scale != 0)[:, None]  # C skips the scale bytes and shift bits of an all-zero-scale block
-        masks = torch.tensor([0x00, 0x80, 0x08, 0x88])
-        index = index.view(nb, 16, 2)
-        qh = (index[:, :, 0] >> 8) | ((index[:, :, 1] >> 8) << 4) | torch.where(live, masks[k.view(nb, 16)], 0)
-        sc16 = (torch.where(live, l, 0).long().view(nb, 4, 4) << torch.tensor([0, 3, 6, 9])).sum(2)
-        top = torch.stack([(s16 & 0xF) << 12, (s16 & 0xF0) << 8, (s16 & 0xF00) << 4, s16 & 0xF000], 1)
-        out[:, 0:32] = (index & 255).view(nb, 32).to(torch.uint8)
-        out[:, 32:48] = qh.to(torch.uint8)
-        out[:, 48:56] = _u16_bytes(sc16 | torch.where(live, top, 0))
+        o = out.numpy()
+        nb = len(o)
+        live = np.empty(nb, np.bool_)
+        d = _quantize_iq1_m(*_arrays(x, qw), qw is not None, o, np.empty(nb, np.float32), live, *_tables())
+        s16 = d.astype(np.float16).view(np.uint16)[live]
+        sc = o[live, 48:56].copy().view(np.uint16)  # [live, 4]
+        for i in range(4):  # nibble i of d on top of scale word i
+            sc[:, i] |= ((s16 >> (4 * i)) & 0xF) << 12
+        o[live, 48:56] = sc.view(np.uint8)
 
     @staticmethod
     def fp16_scale_bytes(b: torch.Tensor) -> torch.Tensor:
