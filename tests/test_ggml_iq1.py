@@ -8,76 +8,23 @@ tests never call it so; IQ1_M quantizes with or without one.
 
 from __future__ import annotations
 
+import functools
+
 import gguf
 import numpy as np
 import pytest
 import torch
 
 from grokquant.quant.ggml.base import QUANTIZERS, dequantize, quantize
-from grokquant.quant.ggml.reference import ggml_quantize, ggml_validate
+from grokquant.quant.ggml.reference import ggml_quantize
+from ggml_cases import compare, imatrix, positive_imatrix, random_blocks, edge_matrix as edge_cases
 
 TYPES = ["IQ1_S", "IQ1_M"]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-def edge_matrix(rows: int, n: int, seed: int) -> np.ndarray:
-    """Gaussian rows plus the awkward cases, each spread over whole 256-blocks and over 8/16/32-element pieces."""
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((rows, n)).astype(np.float32)
-    k = rows // 10 or 1
-    x[k:2 * k] *= rng.standard_t(2, size=(k, n)).astype(np.float32) ** 2  # heavy tails
-    x[2 * k:3 * k, rng.integers(0, n, 8)] = 1e4 * rng.standard_normal(8).astype(np.float32)  # outliers
-    x[3 * k:4 * k] *= np.float32(10.0) ** rng.integers(-14, -5, size=(k, 1)).astype(np.float32)  # tiny
-    x[4 * k:5 * k] = -np.abs(x[4 * k:5 * k])  # negative only
-    x[5 * k:6 * k] = np.abs(x[5 * k:6 * k])  # positive only
-    pieces = rng.choice(np.float32([0.5, -2.0, 0.0, 3e-8, 7.0]), size=(k, n // 8))
-    x[6 * k:7 * k] = np.repeat(pieces, 8, axis=1)  # constant 8-pieces: ties in the sort and the scores
-    x[7 * k:8 * k] = np.round(x[7 * k:8 * k] * 2) / 2  # few distinct values
-    z = rng.random((rows, n // 8)) < 0.08  # zero 8-element pieces everywhere
-    x.reshape(rows, -1, 8)[z] = 0
-    x[8 * k, : min(n, 256)] = 0  # an all-zero block
-    x[8 * k + 1:9 * k, : min(n, 256)] *= 1e-13  # blocks below / around GROUP_MAX_EPS_IQ1_S
-    return x
-
-
-def imatrix(n: int, seed: int) -> np.ndarray:
-    """Column weights spanning 12 orders of magnitude, with zero columns and one zero 32-piece."""
-    rng = np.random.default_rng(seed)
-    w = (10.0 ** rng.uniform(-6, 6, n)).astype(np.float32)
-    w[rng.random(n) < 0.05] = 0
-    w[32:64] = 0
-    return w
-
-
-def plain_imatrix(n: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).uniform(0.1, 2.0, n).astype(np.float32)
-
-
-def compare(name: str, x: np.ndarray, imat: np.ndarray | None) -> float:
-    """Identical-block fraction of ours vs ggml; differing blocks must be no worse in weighted squared error."""
-    q = QUANTIZERS[name]
-    ref = ggml_quantize(name, x, imat)
-    ours = q.quantize(torch.from_numpy(x), None if imat is None else torch.from_numpy(imat)).numpy()
-    assert ours.shape == ref.shape and ours.dtype == np.uint8
-    assert ggml_validate(name, ours) == ggml_validate(name, ref)  # ggml's own d can overflow fp16 (no imatrix)
-    bb = q.type.block_bytes
-    same = (ours.reshape(-1, bb) == ref.reshape(-1, bb)).all(1)
-    frac = float(same.mean())
-    print(f"{name} n={x.shape[1]} {'imatrix' if imat is not None else 'none'}: "
-          f"{same.sum()}/{same.size} blocks identical ({frac:.6f})")
-    if not same.all():
-        w = np.ones(x.shape[1], np.float32) if imat is None else imat
-        w = np.broadcast_to(w, x.shape).reshape(same.size, -1)
-        xb = x.reshape(same.size, -1)
-
-        def err(data):
-            y = q.dequantize(torch.from_numpy(data), x.shape[1]).numpy().reshape(same.size, -1)
-            return (w * (xb - y) ** 2).astype(np.float64).sum(1)
-
-        assert np.all(err(ours)[~same] <= err(ref)[~same] * (1 + 1e-6)), "a differing block is worse than ggml's"
-    assert frac >= 0.999
-    return frac
+# pieces of 8 (the codes' span), tiny rows 10^(-14, -5), blocks around GROUP_MAX_EPS_IQ1_S
+edge_matrix = functools.partial(edge_cases, piece=8, tiny=(-14, -5), small=3e-8, eps=1e-13)
 
 
 SHAPES = [(256, 256), (64, 2048), (32, 4096)]
@@ -88,7 +35,7 @@ SHAPES = [(256, 256), (64, 2048), (32, 4096)]
 def test_imatrix_path_matches_ggml(name, rows, n):
     x = edge_matrix(rows, n, seed=n + 2)
     assert compare(name, x, imatrix(n, seed=n)) == 1.0
-    assert compare(name, x, plain_imatrix(n, seed=n + 1)) == 1.0
+    assert compare(name, x, positive_imatrix(n, seed=n + 1)) == 1.0
 
 
 @pytest.mark.parametrize("rows,n", SHAPES)
@@ -99,7 +46,7 @@ def test_iq1_m_without_imatrix_matches_ggml(rows, n):
 @pytest.mark.parametrize("name", TYPES)
 def test_gaussian_rows_match_ggml(name):
     x = np.random.default_rng(3).standard_normal((64, 4096)).astype(np.float32)
-    assert compare(name, x, plain_imatrix(4096, seed=4)) == 1.0
+    assert compare(name, x, positive_imatrix(4096, seed=4)) == 1.0
 
 
 @pytest.mark.parametrize("name", TYPES)
@@ -118,29 +65,24 @@ def test_constant_and_zero_rows(name):
         assert compare(name, x, None) == 1.0
 
 
-FP16_FIELDS = {"IQ1_S": [(0, 2)], "IQ1_M": []}
-
-
-def random_blocks(name: str, rows: int, n: int, seed: int) -> np.ndarray:
-    """Arbitrary bytes with finite fp16 scales (NaN payloads need not survive both computations alike)."""
-    rng = np.random.default_rng(seed)
-    t = QUANTIZERS[name].type
-    data = rng.integers(0, 256, (rows * n // t.block, t.block_bytes), dtype=np.uint8)
+def random_iq1_blocks(name: str, rows: int, n: int, seed: int) -> np.ndarray:
+    """Arbitrary blocks with a finite fp16 scale: IQ1_S's at bytes 0-1, IQ1_M's in the top nibbles of its
+    four u16 scale words."""
     if name == "IQ1_S":
-        data[:, 0:2] = rng.uniform(-2, 2, (len(data), 1)).astype(np.float16).view(np.uint8)
-    else:  # the fp16 scale's nibbles sit in the top 4 bits of the four u16 scale words
-        d = rng.uniform(-2, 2, len(data)).astype(np.float16).view(np.uint16)
-        sc = data[:, 48:56].copy().view(np.uint16) & 0x0FFF
-        for i in range(4):
-            sc[:, i] |= ((d >> (4 * i)) & 0xF) << 12
-        data[:, 48:56] = sc.view(np.uint8)
+        return random_blocks(name, rows, n, seed)
+    data = random_blocks(name, rows, n, seed, fp16_offsets=()).reshape(-1, QUANTIZERS[name].type.block_bytes)
+    d = np.random.default_rng(seed).uniform(-2, 2, len(data)).astype(np.float16).view(np.uint16)
+    sc = data[:, 48:56].copy().view(np.uint16) & 0x0FFF
+    for i in range(4):
+        sc[:, i] |= ((d >> (4 * i)) & 0xF) << 12
+    data[:, 48:56] = sc.view(np.uint8)
     return data.reshape(rows, -1)
 
 
 @pytest.mark.parametrize("name", TYPES)
 def test_dequantize_matches_gguf(name):
     x = edge_matrix(20, 2048, seed=9)
-    for data in [ggml_quantize(name, x, imatrix(2048, seed=9)), random_blocks(name, 20, 2048, seed=3)]:
+    for data in [ggml_quantize(name, x, imatrix(2048, seed=9)), random_iq1_blocks(name, 20, 2048, seed=3)]:
         ours = QUANTIZERS[name].dequantize(torch.from_numpy(data), 2048).numpy()
         ref = gguf.quants.dequantize(data, getattr(gguf.GGMLQuantizationType, name)).reshape(ours.shape)
         np.testing.assert_array_equal(ours.view(np.uint32), ref.astype(np.float32).view(np.uint32))
@@ -207,6 +149,6 @@ def test_large_random_sweep(name):
     """A 4096 x 4096 edge matrix (65536 super-blocks) with both imatrices (and none for IQ1_M)."""
     x = edge_matrix(4096, 4096, seed=11)
     compare(name, x, imatrix(4096, seed=12))
-    compare(name, x, plain_imatrix(4096, seed=13))
+    compare(name, x, positive_imatrix(4096, seed=13))
     if name == "IQ1_M":
         compare(name, x, None)

@@ -7,72 +7,23 @@ are compared.
 
 from __future__ import annotations
 
+import functools
+
 import gguf
 import numpy as np
 import pytest
 import torch
 
 from grokquant.quant.ggml.base import QUANTIZERS
-from grokquant.quant.ggml.reference import ggml_quantize, ggml_validate
+from grokquant.quant.ggml.reference import ggml_quantize
+from ggml_cases import compare, imatrix, random_blocks, edge_matrix as edge_cases
 
 TYPES = ["IQ3_XXS", "IQ3_S"]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-def edge_matrix(rows: int, n: int, seed: int) -> np.ndarray:
-    """Gaussian rows plus the awkward cases, each spread over whole 256-blocks and 32-element groups."""
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((rows, n)).astype(np.float32)
-    k = rows // 10 or 1
-    x[k:2 * k] *= rng.standard_t(2, size=(k, n)).astype(np.float32) ** 2  # heavy tails
-    x[2 * k:3 * k, rng.integers(0, n, 8)] = 1e4 * rng.standard_normal(8).astype(np.float32)  # outliers
-    x[3 * k:4 * k] *= np.float32(10.0) ** rng.integers(-30, -6, size=(k, 1)).astype(np.float32)  # tiny
-    x[4 * k:5 * k] = -np.abs(x[4 * k:5 * k])  # negative only: every sign byte odd for IQ3_XXS to fix
-    pieces = rng.choice(np.float32([0.5, -2.0, 0.0, 3e-9, 7.0]), size=(k, n // 4))
-    x[5 * k:6 * k] = np.repeat(pieces, 4, axis=1)  # constant quads: ties between neighbours
-    x[6 * k:7 * k] = np.round(x[6 * k:7 * k] * 2) / 2  # few distinct values: ties
-    z = rng.random((rows, n // 32)) < 0.06  # zero groups everywhere (IQ3_S packs the others up)
-    x.reshape(rows, -1, 32)[z] = 0
-    x[7 * k, : min(n, 256)] = 0  # an all-zero block
-    x[7 * k + 1:8 * k, : min(n, 256)] *= np.float32(3e-9)  # blocks around GROUP_MAX_EPS_IQ3_XXS (1e-8)
-    return x
-
-
-def imatrix(n: int, seed: int) -> np.ndarray:
-    """Column weights spanning 12 orders of magnitude, with zero columns and one zero 32-group."""
-    rng = np.random.default_rng(seed)
-    w = (10.0 ** rng.uniform(-6, 6, n)).astype(np.float32)
-    w[rng.random(n) < 0.05] = 0
-    w[32:64] = 0
-    return w
-
-
-def compare(name: str, x: np.ndarray, imat: np.ndarray | None) -> float:
-    """Identical-block fraction of ours vs ggml; differing blocks must be no worse in weighted squared error."""
-    q = QUANTIZERS[name]
-    ref = ggml_quantize(name, x, imat)
-    ours = q.quantize(torch.from_numpy(x), None if imat is None else torch.from_numpy(imat)).numpy()
-    assert ours.shape == ref.shape and ours.dtype == np.uint8
-    assert ggml_validate(name, ours)
-    bb = q.type.block_bytes
-    same = (ours.reshape(-1, bb) == ref.reshape(-1, bb)).all(1)
-    frac = float(same.mean())
-    print(f"{name} n={x.shape[1]} {'imatrix' if imat is not None else 'plain'}: "
-          f"{same.sum()}/{same.size} blocks identical ({frac:.6f})")
-    if not same.all():
-        w = np.ones(x.shape[1], np.float32) if imat is None else imat
-        w = np.broadcast_to(w, x.shape).reshape(same.size, -1)
-        xb = x.reshape(same.size, -1)
-
-        def err(data):
-            y = q.dequantize(torch.from_numpy(data), x.shape[1]).numpy().reshape(same.size, -1)
-            return (w * (xb - y) ** 2).astype(np.float64).sum(1)
-
-        e_ours, e_ref = err(ours), err(ref)
-        assert np.all(e_ours[~same] <= e_ref[~same] * (1 + 1e-6)), "a differing block is worse than ggml's"
-    assert frac >= 0.999
-    return frac
+# pieces of 4 (the codes' span), tiny rows 10^(-30, -6), blocks around GROUP_MAX_EPS_IQ3_XXS (1e-8); whole zero groups, which IQ3_S packs out
+edge_matrix = functools.partial(edge_cases, piece=4, tiny=(-30, -6), small=3e-9, eps=3e-9, zero_piece=32, zero_share=0.06)
 
 
 SHAPES = [(256, 256), (96, 2048), (48, 4096)]
@@ -109,15 +60,6 @@ def test_constant_and_zero_rows(name):
     x[9] = np.linspace(-8, 8, 512, dtype=np.float32)
     for imat in [None, np.ones(512, np.float32), np.zeros(512, np.float32), imatrix(512, seed=3)]:
         assert compare(name, x, imat) == 1.0
-
-
-def random_blocks(name: str, rows: int, n: int, seed: int) -> np.ndarray:
-    """Arbitrary bytes with a finite fp16 super-scale (NaN payloads need not survive both computations alike)."""
-    rng = np.random.default_rng(seed)
-    t = QUANTIZERS[name].type
-    data = rng.integers(0, 256, (rows * n // t.block, t.block_bytes), dtype=np.uint8)
-    data[:, 0:2] = rng.uniform(-2, 2, (len(data), 1)).astype(np.float16).view(np.uint8)
-    return data.reshape(rows, -1)
 
 
 @pytest.mark.parametrize("name", TYPES)

@@ -67,7 +67,8 @@ class Sensitivity:
 
     def kld(self, name: str, type_name: str) -> float:
         e = self.errors[name]
-        return self.probe_kld[name] * e[type_name] / e[PROBE] if e[PROBE] > 0 else 0.0
+        # the ratio first: the probe's own type then gives its measured KLD exactly (1.0 * p == p)
+        return self.probe_kld[name] * (e[type_name] / e[PROBE]) if e[PROBE] > 0 else 0.0
 
 
 # ---- measuring ----------------------------------------------------------------------------------------

@@ -49,6 +49,36 @@ def nearest_int_bits(fval: np.float32) -> int:
     return (_f32_bits(fval + F32(12582912.0)) & 0x7FFFFF) - 0x400000
 
 
+@inline
+def octet_signs(x, xo, weight, xval, vo, even):
+    """The sign bits of x[xo:xo+8], their magnitudes into xval[vo:vo+8]. With `even` (IQ2_XXS, IQ2_XS and
+    IQ3_XXS store 7 sign bits, the 8th makes the count even) an odd count leaves the least important element
+    (least weight * x^2, the first of equals) its sign: its magnitude goes negative instead (ggml's order)."""
+    s = 0
+    nflip = 0
+    for i in range(8):
+        xi = x[xo + i]
+        if xi >= F32(0.0):
+            xval[vo + i] = xi
+        else:
+            xval[vo + i] = -xi
+            nflip += 1
+            s |= 1 << i
+    if even and nflip % 2 == 1:
+        imin = 0
+        xi = x[xo]
+        least = weight[vo] * xi * xi
+        for i in range(1, 8):
+            xi = x[xo + i]
+            ax = weight[vo + i] * xi * xi
+            if ax < least:
+                least = ax
+                imin = i
+        xval[vo + imin] = -xval[vo + imin]
+        s ^= 1 << imin
+    return s
+
+
 @kernel
 def make_qp_quants(n, nmax, x, L, w):
     """ggml's make_qp_quants(n, nmax, x, L, w) (codes 0..nmax for x >= 0) -> the scale; L (uint8) gets the

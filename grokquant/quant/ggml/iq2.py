@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from grokquant.quant.ggml.base import Quantizer, fp16_from_bytes
-from grokquant.quant.ggml.compiled import F32, inline, kernel, make_qp_quants, nearest_int_bits
+from grokquant.quant.ggml.compiled import F32, inline, kernel, make_qp_quants, nearest_int_bits, octet_signs
 from grokquant.quant.ggml.iq_grids import grid
 
 QK_K = 256
@@ -180,28 +180,7 @@ def _quantize(x, qw, use_qw, kind, nums, out, d, kmap, start, length, flat, slot
                     weight[i] = F32(0.25) * sigma2 + xi * xi
                 waux[i] = np.sqrt(weight[i])
             for k in range(nk):
-                sg = 0
-                nflip = 0
-                for i in range(8):
-                    xi = xb[o + 8 * k + i]
-                    if xi >= F32(0.0):
-                        xval[8 * k + i] = xi
-                    else:
-                        xval[8 * k + i] = -xi
-                        nflip += 1
-                        sg |= 1 << i
-                if parity and nflip % 2 == 1:  # the least important element keeps its sign instead
-                    imin = 0
-                    xi = xb[o + 8 * k]
-                    least = weight[8 * k] * xi * xi
-                    for i in range(1, 8):
-                        xi = xb[o + 8 * k + i]
-                        ax = weight[8 * k + i] * xi * xi
-                        if ax < least:
-                            least = ax
-                            imin = i
-                    xval[8 * k + imin] = -xval[8 * k + imin]
-                    sg ^= 1 << imin
+                sg = octet_signs(xb, o + 8 * k, weight, xval, 8 * k, parity)
                 signs[g, k] = sg & 127 if parity else sg
             mx = xval[0]
             for i in range(1, G):

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from grokquant.quant.ggml.base import Quantizer, fp16_bytes, fp16_from_bytes
-from grokquant.quant.ggml.compiled import F32, kernel, nearest_int_bits
+from grokquant.quant.ggml.compiled import F32, kernel, nearest_int_bits, octet_signs
 from grokquant.quant.ggml.iq_grids import grid
 
 QK_K = 256
@@ -195,28 +195,7 @@ def _iq3_blocks(x, qw, use_qw, out, dsc, xxs, index, start, nbr_point, nbr_q, gr
                     weight[i] = xi * xi
                 waux[i] = np.sqrt(weight[i])
             for k in range(4):
-                s = 0
-                nflip = 0
-                for i in range(8):
-                    xi = x[b, o + 8 * k + i]
-                    if xi >= 0:
-                        xval[8 * k + i] = xi
-                    else:
-                        xval[8 * k + i] = -xi
-                        nflip += 1
-                        s |= 1 << i
-                if xxs and nflip % 2:
-                    imin = 0
-                    xi = x[b, o + 8 * k]
-                    mn = weight[8 * k] * xi * xi
-                    for i in range(1, 8):
-                        xi = x[b, o + 8 * k + i]
-                        ax = weight[8 * k + i] * xi * xi
-                        if ax < mn:
-                            mn = ax
-                            imin = i
-                    xval[8 * k + imin] = -xval[8 * k + imin]
-                    s ^= 1 << imin
+                s = octet_signs(x[b], o + 8 * k, weight, xval, 8 * k, xxs)
                 signs[k] = s & 127 if xxs else s
             mx = xval[0]
             for i in range(1, 32):
