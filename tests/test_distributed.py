@@ -53,7 +53,7 @@ def test_assignment_balances_cost_deterministically():
     assert assign(costs, 1) == [0] * len(costs)
 
 
-@pytest.mark.parametrize("recipe", ["sequential-gptq", "q4_k_m-gptq"])
+@pytest.mark.parametrize("recipe", [pytest.param("sequential-gptq", marks=pytest.mark.slow), "q4_k_m-gptq"])
 def test_two_gloo_ranks_write_the_bytes_of_one_process(tiny_tp8, tmp_path, recipe):
     if recipe == "sequential-gptq":  # all ranks need every layer's result: the all-gather path
         path = tmp_path / "seq.yaml"

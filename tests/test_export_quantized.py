@@ -129,6 +129,9 @@ def test_imatrix_conversion_equals_llama_quantize(tiny_tp8, f32, tmp_path, ftype
 
 LOW_BIT_MIXES = ["iq3_m", "iq3_s", "iq3_xs", "iq3_xxs", "q2_k_s", "iq2_m", "iq2_s", "iq2_xs", "iq2_xxs", "iq1_m",
                  "iq1_s"]
+# llama_model_quantize really quantizes the 16-layer model (ggml's slow IQ2/IQ3 searches): the default run
+# checks one mix per family with its own rules, `make test-slow` all of them
+FAST_MIXES = {"iq3_m", "q2_k_s", "iq2_m", "iq1_s"}
 
 
 def synthetic_imatrix(cfg, ftype: str, out, seed: int = 7) -> dict[str, torch.Tensor]:
@@ -143,7 +146,8 @@ def synthetic_imatrix(cfg, ftype: str, out, seed: int = 7) -> dict[str, torch.Te
     return imatrix
 
 
-@pytest.mark.parametrize("ftype", LOW_BIT_MIXES)
+@pytest.mark.parametrize("ftype", [f if f in FAST_MIXES else pytest.param(f, marks=pytest.mark.slow)
+                                   for f in LOW_BIT_MIXES])
 def test_low_bit_mix_types_equal_llama_quantize(deep, tmp_path, ftype):
     """The 1-3 bit mixes, given an importance matrix as they require: the same per-tensor types as
     llama_model_quantize on a 16-layer 8-expert model (its first-eighth and use_more_bits rules show)."""
