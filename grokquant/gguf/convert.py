@@ -1,8 +1,9 @@
 """Original checkpoint -> GGUF that stock llama.cpp loads, streamed tensor by tensor.
 
 Order of work: plan every tensor (name, shape, type) from config.json and the recipe, write the
-header, then read, quantize and append one tensor (one expert) at a time. The file is written under
-a temporary name, re-read and validated, then renamed into place.
+header, then read, quantize and append one tensor (one expert) at a time, the three steps overlapped
+(io.pipeline). The file is written under a temporary name, its header re-read and validated, then
+renamed into place.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from grokquant.grok.checkpoint import Checkpoint
 from grokquant.grok.config import GrokConfig
 from grokquant.errors import GrokquantError
 from grokquant.gguf.file import GGUFWriter, read_gguf
+from grokquant.io.pipeline import WriteBehind, read_ahead
 from grokquant.grok.names import gguf_tensors, release_names
 from grokquant.quant.ggml.base import QUANTIZERS, quantize
 from grokquant.quant.ggml.types import TYPES, GGMLType
@@ -141,20 +143,22 @@ def add_metadata(w: GGUFWriter, cfg: GrokConfig, tok, recipe: GGUFRecipe, rope: 
 
 # ---- tensor data ----------------------------------------------------------------------------------
 
-def tensor_chunks(ckpt: Checkpoint, t: PlannedTensor, imatrix: dict[str, torch.Tensor] | None) -> Iterator[np.ndarray]:
-    """Quantized bytes of one planned tensor, an expert / a chunk of rows at a time."""
+def tensor_sources(ckpt: Checkpoint, t: PlannedTensor, imatrix: dict[str, torch.Tensor] | None):
+    """(weights, importance or None) of each source of t (one expert of a stacked tensor) as stored (bf16)."""
     imp = imatrix.get(t.name) if imatrix else None
     for i, source in enumerate(t.sources):
-        x = ckpt.tensor(source)  # kept in bf16; each chunk is widened to float32 as it is quantized
-        if x.dim() == 1:
-            x = x[None]
+        x = ckpt.tensor(source)
         qw = None
         if imp is not None and t.type.name not in ("F32", "F16", "BF16"):
             qw = imp[i if imp.shape[0] > 1 else 0]
-        step = max(1, CHUNK_ELEMENTS // x.shape[-1])
-        for r in range(0, x.shape[0], step):
-            yield quantize(x[r:r + step], t.type.name, qw).numpy()
-        del x
+        yield (x[None] if x.dim() == 1 else x), qw
+
+
+def quantized_rows(x: torch.Tensor, t: PlannedTensor, qw: torch.Tensor | None) -> Iterator[np.ndarray]:
+    """x quantized to t's type a chunk of rows at a time (each chunk widened to float32 as it goes)."""
+    step = max(1, CHUNK_ELEMENTS // x.shape[-1])
+    for r in range(0, x.shape[0], step):
+        yield quantize(x[r:r + step], t.type.name, qw).numpy()
 
 
 def split_plan(tensors: list[PlannedTensor], max_bytes: int | None) -> list[list[PlannedTensor]]:
@@ -178,8 +182,9 @@ def shard_paths(out: Path, n: int) -> list[Path]:
     return [out.with_name(f"{stem}-{i + 1:05d}-of-{n:05d}.gguf") for i in range(n)]
 
 
-def validate(path: Path, expected: list[PlannedTensor]) -> None:
-    """Re-read a written file: tensor count, names, shapes, types, and finite scales."""
+def validate(path: Path, expected: list[PlannedTensor], data: bool = True) -> None:
+    """Re-read a written file: tensor count, names, shapes, types, the file's length, and (with `data`)
+    finite scales. convert checks every chunk before writing it, so it re-reads only the header."""
     f = read_gguf(path)
     try:
         if [n for n in f.tensors] != [t.name for t in expected]:
@@ -189,22 +194,28 @@ def validate(path: Path, expected: list[PlannedTensor]) -> None:
             if info.shape != tuple(t.shape) or info.type.id != t.type.id:
                 raise GrokquantError(f"{path}: {t.name} is {info.type.name}{list(info.shape)}, "
                                      f"planned {t.type.name}{list(t.shape)}")
+            if not data:
+                continue
             rows = t.nbytes // t.type.row_bytes(t.shape[-1])
             step = max(1, CHUNK_ELEMENTS // t.shape[-1])  # a chunk at a time: no copy of a whole stacked tensor
             for first in range(0, rows, step):
-                raw = f.raw(t.name, first, min(step, rows - first))
-                scales = QUANTIZERS[t.type.name].fp16_scales  # a block type's fp16 scale bytes
-                if scales is not None:
-                    values, kind = raw.reshape(-1, t.type.block_bytes)[:, scales].copy(), "F16"
-                elif hasattr(QUANTIZERS[t.type.name], "fp16_scale_bytes"):  # IQ1_M: spread over nibbles
-                    blocks = torch.from_numpy(raw.reshape(-1, t.type.block_bytes).copy())
-                    values, kind = QUANTIZERS[t.type.name].fp16_scale_bytes(blocks).numpy(), "F16"
-                else:
-                    values, kind = raw, t.type.name
-                if not _all_finite(values, kind):
-                    raise GrokquantError(f"{path}: {t.name} has non-finite scales or values")
+                check_finite(path, t, f.raw(t.name, first, min(step, rows - first)))
     finally:
         f.close()
+
+
+def check_finite(where, t: PlannedTensor, raw: np.ndarray) -> None:
+    """Raise if whole rows `raw` of tensor t hold a non-finite fp16 block scale (or, for float types, value)."""
+    q = QUANTIZERS[t.type.name]
+    if q.fp16_scales is not None:  # a block type's fp16 scale bytes
+        values, kind = raw.reshape(-1, t.type.block_bytes)[:, q.fp16_scales].copy(), "F16"
+    elif hasattr(q, "fp16_scale_bytes"):  # IQ1_M: spread over nibbles
+        blocks = torch.from_numpy(raw.reshape(-1, t.type.block_bytes).copy())
+        values, kind = q.fp16_scale_bytes(blocks).numpy(), "F16"
+    else:
+        values, kind = raw, t.type.name
+    if not _all_finite(values, kind):
+        raise GrokquantError(f"{where}: {t.name} has non-finite scales or values")
 
 
 # exponent bits of IEEE formats: all ones means inf or NaN
@@ -265,19 +276,12 @@ def convert(checkpoint: str | Path, out: str | Path, recipe: GGUFRecipe, rope: s
                 w.add_tensor(t.name, t.shape, t.type)
             w.write_header()
             try:
-                for t in shard:
-                    if progress:
-                        progress(t, 0)  # starting t
-                    data = prequantized(t) if prequantized else None
-                    for chunk in [data] if data is not None else tensor_chunks(ckpt, t, imatrix):
-                        w.write(t.name, chunk)
-                    if progress:
-                        progress(t, t.nbytes)  # t written
+                _write_tensors(w, tmp, ckpt, shard, imatrix, prequantized, progress)
                 w.close()
             except BaseException:
                 w.abort()
                 raise
-            validate(tmp, shard)
+            validate(tmp, shard, data=False)  # every chunk was checked before it was written
         for tmp, p in zip(tmps, paths):
             os.replace(tmp, p)
     finally:
@@ -285,6 +289,54 @@ def convert(checkpoint: str | Path, out: str | Path, recipe: GGUFRecipe, rope: s
             tmp.unlink(missing_ok=True)
         ckpt.close()
     return paths
+
+
+def _write_tensors(w: GGUFWriter, where: Path, ckpt: Checkpoint, shard: list[PlannedTensor],
+                   imatrix: dict[str, torch.Tensor] | None, prequantized, progress) -> None:
+    """Read, quantize and write the shard's tensors as a pipeline: the next source is read (and merged)
+    ahead on one thread and the quantized chunks are checked and written behind on another, while this
+    thread quantizes; the bytes and their order are those of doing it one step after the other."""
+
+    def sources():
+        for t in shard:
+            data = prequantized(t) if prequantized else None
+            if data is not None:
+                yield t, data, None
+            else:
+                for x, qw in tensor_sources(ckpt, t, imatrix):
+                    yield t, x, qw
+
+    def write(item) -> None:  # on the writer thread, which alone calls `progress`
+        t, chunk, first, last = item
+        if first and progress:
+            progress(t, 0)  # starting t
+        check_finite(where, t, chunk)
+        w.write(t.name, chunk)
+        if last and progress:
+            progress(t, t.nbytes)  # t written
+
+    writer = WriteBehind(write, depth=4)
+    try:
+        done: dict[str, int] = {}  # sources of each started tensor quantized so far
+        for t, x, qw in read_ahead(sources(), depth=1):
+            first = t.name not in done
+            if isinstance(x, np.ndarray):  # prequantized: the whole tensor's bytes
+                writer.submit((t, x, True, True))
+                done[t.name] = len(t.sources)
+                continue
+            done[t.name] = done.get(t.name, 0) + 1
+            pending = None  # each chunk goes out once the next exists, so the last one is known
+            for chunk in quantized_rows(x, t, qw):
+                if pending is not None:
+                    writer.submit((t, pending, first, False))
+                    first = False
+                pending = chunk
+            del x
+            writer.submit((t, pending, first, done[t.name] == len(t.sources)))
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
 
 
 def _check_imatrix(imatrix: dict[str, torch.Tensor], tensors: list[PlannedTensor]) -> None:
