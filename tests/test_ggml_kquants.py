@@ -1,6 +1,7 @@
 """Q4_K / Q5_K / Q6_K against ggml itself: quantization bytes vs `ggml_quantize_chunk` (the code llama-quantize
 runs), dequantization vs PyPI gguf. Reference path (no imatrix): every block identical. Imatrix path: at least
-99.9% of blocks identical and any other block no worse in imatrix-weighted squared error."""
+99.9% of blocks identical and any other block no worse in imatrix-weighted squared error.
+Q2_K and Q3_K (test_ggml_iquants.py) share the kernels' module; its own tests here cover all five types."""
 
 from __future__ import annotations
 
@@ -12,11 +13,12 @@ import pytest
 import torch
 
 from grokquant.quant.ggml.reference import ggml_quantize, ggml_validate
-from grokquant.quant.ggml import common as C
+from grokquant.quant.ggml import kquant_kernels as kk
 from grokquant.quant.ggml import kquants as K
 
 TYPES = ["Q4_K", "Q5_K", "Q6_K"]
-QUANT = {t: getattr(K, t)() for t in TYPES}
+ALL_TYPES = ["Q2_K", "Q3_K", *TYPES]
+QUANT = {t: getattr(K, t)() for t in ALL_TYPES}
 
 
 def edge_rows(n: int, seed: int) -> np.ndarray:
@@ -133,27 +135,66 @@ def test_dequantize_matches_gguf(t):
         assert (got.view(np.uint32)[~nan] == ref.view(np.uint32)[~nan]).all()  # bitwise, sign of zero too
 
 
-@pytest.mark.parametrize("t", TYPES)
-def test_chunks_and_threads(t, monkeypatch):
-    """Many small chunks spread over the worker threads give the same bytes; torch's thread count is kept."""
-    monkeypatch.setattr(QUANT[t], "chunk", 5)
+@pytest.mark.parametrize("t", ALL_TYPES)
+def test_chunks_threads_and_strided_input(t, monkeypatch):
+    """Chunks of 5 blocks (tiles of the lanes cut short) on two worker threads, and blocks given as a strided
+    view, give ggml's bytes; torch's thread count is kept."""
     x = np.concatenate([edge_rows(1024, seed=9), gaussian(13, 1024, seed=10)])
-    threads = torch.get_num_threads()
-    assert (ours(t, x) == ggml_quantize(t, x)).all()
     im = imatrices(1024, seed=9)[0]
-    assert (ours(t, x, im) == ggml_quantize(t, x, im)).all()
-    assert torch.get_num_threads() == threads
+    wide = np.zeros((2 * x.size // 256, 512), np.float32)
+    wide[::2, 128:384] = x.reshape(-1, 256)  # every other row, columns 128..383: neither row nor column dense
+    blocks = torch.from_numpy(wide)[::2, 128:384]
+    assert not blocks.is_contiguous()
+    qw = torch.from_numpy(np.tile(im, x.shape[0]).reshape(-1, 256).T.copy()).t()  # strided too
+    q = QUANT[t]
+    monkeypatch.setattr(q, "chunk", 5)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert (ours(t, x) == ggml_quantize(t, x)).all()
+        assert (ours(t, x, im) == ggml_quantize(t, x, im)).all()
+        strided = q.quantize_blocks(blocks).numpy().reshape(x.shape[0], -1)
+        strided_im = q.quantize_blocks(blocks, qw).numpy().reshape(x.shape[0], -1)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert (strided == ggml_quantize(t, x)).all()
+    assert (strided_im == ggml_quantize(t, x, im)).all()
 
 
-@pytest.mark.parametrize("t", TYPES)
-def test_loop_sum_fallback(t, monkeypatch):
-    """The plain-loop C-order sum (used where index_add_ does not keep order) gives the same bytes."""
-    assert C._index_add_in_order()
-    monkeypatch.setattr(C, "_index_add_in_order", lambda: False)
-    x = edge_rows(512, seed=13)
-    assert (ours(t, x) == ggml_quantize(t, x)).all()
-    im = imatrices(512, seed=13)[1]
-    assert (ours(t, x, im) == ggml_quantize(t, x, im)).all()
+@pytest.mark.parametrize("t", ALL_TYPES)
+def test_non_finite_input_matches_ggml(t):
+    """NaN, +-inf and values near FLT_MAX go through C's nearest_int bit trick as in C: still ggml's bytes."""
+    rng = np.random.default_rng(23)
+    x = rng.standard_normal((8, 512)).astype(np.float32)
+    x[0, 5], x[1, 7], x[2, 9] = np.nan, np.inf, -np.inf
+    x[3, :16] = np.nan
+    x[4, 300], x[5, ::3] = 3e38, -3e38
+    x[6, 17], x[7] = 1e-45, 1e-39 * x[7]
+    im = imatrices(512, seed=23)[0]
+    for m in (None, im):
+        assert (ours(t, x, m) == ggml_quantize(t, x, m)).all()
+
+
+def test_fp16_conversion_matches_numpy():
+    """The kernels' GGML_FP32_TO_FP16 (round to nearest even) and its read-back, against numpy's float16."""
+    rng = np.random.default_rng(24)
+    halves = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+    finite = halves[np.isfinite(halves)]
+    up = np.nextafter(finite, np.float32(np.inf))
+    down = np.nextafter(finite, np.float32(-np.inf))
+    mids = (finite[:-1].astype(np.float64) + finite[1:]) / 2  # exact ties (as float32 where representable)
+    v = np.concatenate([halves, up, down, mids.astype(np.float32), rng.standard_normal(20000).astype(np.float32)
+                        * np.float32(10.0) ** rng.uniform(-10, 6, 20000).astype(np.float32),
+                        np.float32([65504, 65519.996, 65520, 1e38, -1e38, np.inf, -np.inf, 0.0, -0.0, 1e-45])])
+    v = v[~np.isnan(v)].astype(np.float32)
+    with np.errstate(over="ignore"):
+        want = v.astype(np.float16).view(np.uint16)
+    got = np.array([kk.fp16_bits(f) for f in v], np.uint16)
+    np.testing.assert_array_equal(got, want)
+    back = np.array([kk.fp16_value(int(h)) for h in want], np.float32)
+    np.testing.assert_array_equal(back.view(np.uint32), want.view(np.float16).astype(np.float32).view(np.uint32))
+    assert kk.fp16_bits(np.float32(np.nan)) & 0x7FFF == 0x7E00
 
 
 def test_roundtrip_quality():
@@ -167,7 +208,7 @@ def test_roundtrip_quality():
 
 
 def test_empty_input():
-    for t in TYPES:
+    for t in ALL_TYPES:
         assert ours(t, np.zeros((0, 256), np.float32)).shape == (0, QUANT[t].type.block_bytes)
 
 
@@ -187,21 +228,6 @@ def test_full_matrix_and_speed(t):
         print(f"{t} {label} 4096x4096: identical {frac:.6f}; ours {t1 - t0:.2f}s "
               f"({torch.get_num_threads()} threads), ggml C {t2 - t1:.2f}s, ratio {(t1 - t0) / (t2 - t1):.2f}")
         assert frac == 1.0 if m is None else frac >= 0.999
-
-
-def test_search_runs_as_torchscript():
-    """The make_qkx search compiles (a silent eager fallback would be correct but much slower)."""
-    assert C._scripted(C._qkx_search) is not C._qkx_search
-
-
-@pytest.mark.parametrize("t", ["Q4_K", "Q5_K"])
-def test_eager_search_fallback(t, monkeypatch):
-    """Without TorchScript the same search runs eagerly and gives the same bytes."""
-    monkeypatch.setattr(C, "_scripted", lambda fn: fn)
-    x = np.concatenate([edge_rows(512, seed=17), gaussian(8, 512, seed=18)])
-    assert (ours(t, x) == ggml_quantize(t, x)).all()
-    im = imatrices(512, seed=17)[0]
-    assert (ours(t, x, im) == ggml_quantize(t, x, im)).all()
 
 
 @pytest.mark.slow

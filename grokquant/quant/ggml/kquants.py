@@ -1,42 +1,47 @@
-"""GGML K-quants Q2_K, Q3_K, Q4_K, Q5_K, Q6_K (256-element super-blocks): bit-exact, vectorized ports of
-ggml-quants.c, with the shared searches and rounding rules of `common`.
+"""GGML K-quants Q2_K, Q3_K, Q4_K, Q5_K, Q6_K (256-element super-blocks): block layouts, dequantization and
+the grid views GPTQ rounds onto; quantization runs the numba ports of ggml-quants.c in `kquant_kernels`
+(bytes identical to ggml's).
 
 Without importance weights each type follows `quantize_row_q*_K_ref`, with them `quantize_row_q*_K_impl`.
-Codes go through C's integer types: uint8 / int8 wrap-around is reproduced with masks.
-Speed: super-blocks are processed in chunks on all CPU threads (base.quantize_chunks), Q4_K-Q6_K on reused
-scratch buffers. The make_qkx search, most of the work, runs as TorchScript without the GIL: as eager ops,
-two threads spent much of their time handing the GIL to each other and ran barely faster than one.
+Chunks of super-blocks run on all CPU threads (base.quantize_chunks); the kernels release the GIL.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-from grokquant.quant.ggml.base import Quantizer, Scratch, fp16_bytes, fp16_from_bytes, fp16_round
-from grokquant.quant.ggml.common import (GROUP_MAX_EPS, blocks, c_max, const, elements, first_absmax,
-                                         imatrix_weights, make_q3_quants, make_qkx, make_qp_quants, make_qx_quants,
-                                         nearest_int, nearest_int_, seqsum, sqrtf_, sum_squares)
+from grokquant.quant.ggml import kquant_kernels as kk
+from grokquant.quant.ggml.base import Quantizer, fp16_from_bytes
 
 QK_K = 256
+IMATRIX_SEARCH = (-0.9, 0.05, 36)  # (rmin, rdelta, nstep) of make_qkx3_quants in the _impl paths
+_NO_WEIGHTS = np.zeros((0, QK_K), np.float32)
 
 
-def _requantize(x, L, d, dm, lo: int, hi: int, buf: Scratch) -> torch.Tensor:
-    """Final codes from the stored scales: clamp(nearest_int((x + dm) / d), lo, hi) - lo on element-major
-    x [n, M] with per-sub-block d, dm [M] (dm None: no offset); sub-blocks with d == 0 keep the search codes
-    L (C: `if (!d) continue`). Returns block-major uint8 codes [M / (256 / n), 256]."""
-    n, M = x.shape
-    t = torch.add(x, dm, out=buf("e", n, M)) if dm is not None else buf("e", n, M).copy_(x)
-    q = nearest_int_(t.div_(d)).clamp_(lo, hi).sub_(lo)
-    q8 = buf("q8", n, M, dtype=torch.uint8).copy_(q)
-    keep = d == 0
-    if keep.any():
-        q8[:, keep] = L[:, keep].to(torch.uint8)
-    return q8.t().reshape(-1, QK_K)
+class _KQuant(Quantizer):
+    """A K-quant whose blocks `kernel` writes: kernel(x, qw, use_qw, out, *kernel_args(use_qw)) on contiguous
+    float32 numpy copies of a chunk's blocks and weights, into the chunk's bytes."""
+
+    kernel = None  # staticmethod(one of kquant_kernels' quantize_*)
+
+    def kernel_args(self, use_qw: bool) -> tuple:
+        raise NotImplementedError
+
+    def quantize_blocks(self, x, qw=None):
+        if x.device.type != "cpu":  # the kernels run on the CPU
+            return super().quantize_blocks(x.cpu(), None if qw is None else qw.cpu()).to(x.device)
+        return super().quantize_blocks(x, qw)
+
+    def quantize_chunk(self, out, x, qw, buf):
+        xn = np.ascontiguousarray(x.detach().numpy(), dtype=np.float32)
+        wn = _NO_WEIGHTS if qw is None else np.ascontiguousarray(qw.detach().numpy(), dtype=np.float32)
+        self.kernel(xn, wn, qw is not None, out.numpy(), *self.kernel_args(qw is not None))
 
 
 # ---- Q4_K / Q5_K / Q6_K ---------------------------------------------------------------------------------
 
-class _KQuant45(Quantizer):
+class _KQuant45(_KQuant):
     """Q4_K / Q5_K: fp16 d and dmin, 12 bytes of six-bit sub-block scales and mins, then the codes;
     8 sub-blocks of 32, y = d*sc_j*q - dmin*m_j with q in 0..nmax."""
 
@@ -44,6 +49,11 @@ class _KQuant45(Quantizer):
     ref_search = (-1.0, 0.1, 20)  # (rmin, rdelta, nstep) of make_qkx2_quants in the _ref path
     clamp_qp_codes = False  # Q5_K's _impl applies MIN(63, .) to the make_qp_quants codes, Q4_K's does not
     fp16_scales = slice(0, 4)  # d, dmin
+    kernel = staticmethod(kk.quantize_q45)
+
+    def kernel_args(self, use_qw):
+        search = IMATRIX_SEARCH if use_qw else self.ref_search
+        return self.nmax, kk.trial_numerators(self.nmax, *search), self.clamp_qp_codes
 
     @staticmethod
     def pack_scales(ls: torch.Tensor, lm: torch.Tensor) -> torch.Tensor:
@@ -67,46 +77,6 @@ class _KQuant45(Quantizer):
         sc, m = self.unpack_scales(b[:, 4:16])
         dd = fp16_from_bytes(b[:, self.fp16_scales])
         return dd[:, :1] * sc.float(), dd[:, 1:] * m.float()
-
-    def quantize_chunk(self, out, x, qw, buf):
-        nb = x.shape[0]
-        M = nb * 8
-        xs = buf("x", 32, M).copy_(x.reshape(M, 32).t())  # [32, sub-blocks]
-        w = buf("w", 32, M)
-        x2 = torch.mul(xs, xs, out=buf("t", 32, M))
-        if qw is None:  # quantize_row_q*_K_ref
-            av_x = sqrtf_(seqsum(x2) / const(32, x), buf)
-            torch.abs(xs, out=w).add_(av_x)
-            search = self.ref_search
-        else:  # quantize_row_q*_K_impl: sigma2 over the whole super-block, in its element order
-            xt = buf("xt", QK_K, nb).copy_(x.t())
-            sigma2 = (2 * seqsum(xt.mul_(xt)) / const(QK_K, x)).repeat_interleave(8)
-            torch.mul(qw.reshape(M, 32).t(), sqrtf_(x2.add_(sigma2), buf), out=w)
-            search = (-0.9, 0.05, 36)
-        L, scales, mins = make_qkx(xs, w, self.nmax, *search, buf)
-        scales, mins = scales.view(nb, 8), mins.view(nb, 8)
-
-        if qw is None:
-            zero = torch.zeros(nb, device=x.device)
-            max_scale, max_min = c_max(scales), c_max(mins)
-            c63 = const(63, x)
-            inv_scale = torch.where(max_scale > 0, c63 / max_scale, zero)
-            inv_min = torch.where(max_min > 0, c63 / max_min, zero)
-            ls = (nearest_int(inv_scale[:, None] * scales) & 0xFF).clamp_max(63)
-            lm = (nearest_int(inv_min[:, None] * mins) & 0xFF).clamp_max(63)
-            d, dmin = max_scale / c63, max_min / c63
-        else:  # one make_qp_quants call for scales and mins: groups [2, nb], weights shared
-            sw = seqsum(w).view(nb, 8).t()[:, None].expand(8, 2, nb)
-            lsm, dd = make_qp_quants(torch.stack([scales.t(), mins.t()], 1).reshape(8, -1), sw.reshape(8, -1), 63)
-            lsm, (d, dmin) = lsm.view(8, 2, nb), dd.view(2, nb)
-            ls, lm = lsm[:, 0].t(), lsm[:, 1].t()
-            if self.clamp_qp_codes:
-                ls, lm = ls.clamp_max(63), lm.clamp_max(63)
-
-        head = torch.cat([fp16_bytes(torch.stack([d, dmin], 1)), self.pack_scales(ls, lm)], 1)
-        dj, dmj = self._sub_scales(head)  # C re-reads the packed codes (get_scale_min_k4)
-        q = _requantize(xs, L, dj.view(M), dmj.view(M), 0, self.nmax, buf)
-        torch.cat([head, self._pack_q(q.view(nb, 4, 2, 32))], 1, out=out)
 
     def _pack_q(self, q):  # uint8 q [nb, 4 chunks of 64, 2 halves, 32] -> qs (and qh)
         raise NotImplementedError
@@ -163,30 +133,14 @@ class Q5_K(_KQuant45, name="Q5_K"):
         return torch.cat([qs & 0xF, qs >> 4], 2) | (((qh >> self._bit(b.device)) & 1) << 4)
 
 
-class Q6_K(Quantizer, name="Q6_K"):
+class Q6_K(_KQuant, name="Q6_K"):
     """ql[128], qh[64], int8 scales[16], fp16 d; 16 sub-blocks of 16, y = d*scale_j*(q - 32), q in 0..63."""
 
     fp16_scales = slice(208, 210)
+    kernel = staticmethod(kk.quantize_q6)
 
-    def quantize_chunk(self, out, x, qw, buf):
-        nb = x.shape[0]
-        M = nb * 16
-        xs = buf("x", 16, M).copy_(x.reshape(M, 16).t())  # [16, sub-blocks]
-        w = buf("w", 16, M)
-        if qw is None:
-            torch.mul(xs, xs, out=w)
-        else:
-            w.copy_(qw.reshape(M, 16).t())  # _impl uses qw as is
-        L, scales = make_qx_quants(xs, w, 32, buf)
-        scales = scales.view(nb, 16)
-        amax, max_scale = first_absmax(torch.where(scales.isnan(), 0.0, scales), 1)  # C skips NaN (overflow)
-        iscale = const(-128, x) / max_scale
-        d16 = fp16_bytes((1 / iscale)[:, None])
-        codes = nearest_int(iscale[:, None] * scales).clamp_max(127) & 0xFF  # stored as int8
-        dj = (fp16_from_bytes(d16) * ((codes ^ 0x80) - 0x80).float()).view(M)
-        q = _requantize(xs, L, dj, None, -32, 31, buf)
-        torch.cat([self._pack_q(q), codes.to(torch.uint8), d16], 1, out=out)
-        out[amax < GROUP_MAX_EPS] = 0  # all sub-scales ~0: the whole block is written as zeros
+    def kernel_args(self, use_qw):
+        return (kk.qx_numerators(32),)
 
     @staticmethod
     def _pack_q(q: torch.Tensor) -> torch.Tensor:
@@ -221,7 +175,7 @@ class Q6_K(Quantizer, name="Q6_K"):
 
 # ---- Q2_K / Q3_K ----------------------------------------------------------------------------------------
 
-class _KQuant2(Quantizer):
+class _KQuant2(_KQuant):
     """Q2_K / Q3_K: 16 sub-blocks of 16 whose codes keep their low 2 bits in qs[64]."""
 
     @staticmethod
@@ -241,29 +195,10 @@ class Q2_K(_KQuant2, name="Q2_K"):
     """scales[16] (scale code | min code << 4), qs[64], fp16 d and dmin; y = d*sc*q - dmin*m, q in 0..3."""
 
     fp16_scales = slice(80, 84)  # d, dmin
+    kernel = staticmethod(kk.quantize_q2)
 
-    def quantize_chunk(self, out, x, qw, buf):
-        nb = x.shape[0]
-        xe = elements(x, 16)
-        if qw is None:  # quantize_row_q2_K_ref: weights |x|, mean absolute error
-            L, scales, mins = make_qkx(xe, xe.abs(), 3, -0.5, 0.1, 15, buf, use_mad=True)
-            scales, mins = scales.view(nb, 16), mins.view(nb, 16)
-            ms, mm = scales.max(1).values, mins.max(1).values
-            c15 = const(15, x)
-            ls = torch.where(ms[:, None] > 0, nearest_int((c15 / ms)[:, None] * scales), 0)
-            lm = torch.where(mm[:, None] > 0, nearest_int((c15 / mm)[:, None] * mins), 0)
-            d, dmin = torch.where(ms > 0, ms / c15, 0.0), torch.where(mm > 0, mm / c15, 0.0)
-        else:  # quantize_row_q2_K_impl
-            w = imatrix_weights(x, qw, 16, sum_squares(x) / 256)
-            L, scales, mins = make_qkx(xe, w, 3, -0.9, 0.05, 36, buf)
-            sw = elements(seqsum(w).view(nb, 16), 16)
-            ls, d = make_qp_quants(elements(scales.view(nb, 16), 16), sw, 15)
-            lm, dmin = make_qp_quants(elements(mins.view(nb, 16), 16), sw, 15)
-            ls, lm = blocks(ls, nb), blocks(lm, nb)
-        sc = (ls | (lm << 4)) & 0xFF  # C: uint8 scales[j] = l, then |= l << 4
-        d, dmin = fp16_round(d)[:, None], fp16_round(dmin)[:, None]
-        q = _requantize(xe, L, (d * (sc & 0xF).float()).reshape(-1), (dmin * (sc >> 4).float()).reshape(-1), 0, 3, buf)
-        torch.cat([sc.to(torch.uint8), self.pack_qs(q), fp16_bytes(torch.cat([d, dmin], 1))], 1, out=out)
+    def kernel_args(self, use_qw):
+        return (kk.trial_numerators(3, *(IMATRIX_SEARCH if use_qw else (-0.5, 0.1, 15))),)
 
     def _sub_scales(self, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         sc = b[:, :16]
@@ -290,6 +225,10 @@ class Q3_K(_KQuant2, name="Q3_K"):
     (2 low bits in qs, the high bit in hmask)."""
 
     fp16_scales = slice(108, 110)
+    kernel = staticmethod(kk.quantize_q3)
+
+    def kernel_args(self, use_qw):
+        return kk.qx_numerators(4), kk.qx_numerators(32)
 
     @staticmethod
     def pack_scales(c: torch.Tensor) -> torch.Tensor:
@@ -306,26 +245,6 @@ class Q3_K(_KQuant2, name="Q3_K"):
         shifts = torch.arange(0, 8, 2, dtype=torch.int32, device=s.device)
         hi = (s[:, 8:12, None].int() >> shifts) & 3  # [nb, j % 4, j // 4]
         return lo | (hi.transpose(1, 2).reshape(-1, 16) << 4)
-
-    def quantize_chunk(self, out, x, qw, buf):
-        nb = x.shape[0]
-        xe = elements(x, 16)
-        if qw is None:  # quantize_row_q3_K_ref
-            L, scales = make_q3_quants(xe)
-            scales = scales.view(nb, 16)
-            ms = first_absmax(scales, 1)[1]
-            iscale = const(-32, x) / ms
-            c = torch.where(ms[:, None] != 0, nearest_int(iscale[:, None] * scales).clamp_(-32, 31) + 32, 0)
-            d = torch.where(ms != 0, const(1, x) / iscale, 0.0)
-        else:  # quantize_row_q3_K_impl
-            w = imatrix_weights(x, qw, 16, 2 * sum_squares(x) / 256)
-            L, scales = make_qx_quants(xe, w, 4, buf)
-            sw = elements(seqsum(w).view(nb, 16), 16)
-            c, d = make_qx_quants(elements(scales.view(nb, 16), 16), sw, 32, Scratch(x.device))  # L stays in buf
-            c = blocks(c, nb)
-        d = fp16_round(d)[:, None]
-        q = _requantize(xe, L, (d * (c - 32).float()).reshape(-1), None, -4, 3, buf)
-        torch.cat([self._pack_q(q), self.pack_scales(c), fp16_bytes(d)], 1, out=out)
 
     @staticmethod
     def _pack_q(q: torch.Tensor) -> torch.Tensor:
