@@ -27,7 +27,8 @@ MEASURED_KLD: dict[str, float] = {
     "rtn-w4g128": 0.01331, "q4_0": 0.01478, "q3_k_m": 0.02859, "q3_k_s": 0.03097, "q3_k_l": 0.03163,
     "iq3_m": 0.0334, "iq3_xs": 0.0335, "iq3_s": 0.03438, "iq3_xxs": 0.04024, "iq3_xxs-gptq": 0.04033,
     "iq2_m-gptq": 0.05002, "iq2_m": 0.05034, "iq2_s": 0.06092, "q2_k-gptq": 0.08153, "q2_k": 0.09181,
-    "iq2_xs": 0.10196, "q2_k_s": 0.10661, "iq2_xxs": 0.11655, "iq2_xxs-gptq": 0.11776, "iq1_s": 0.17604,
+    "iq2_xs": 0.10196, "q2_k_s": 0.10661, "iq2_xxs": 0.11655, "iq2_xxs-gptq": 0.11776, "iq1_m-gptq": 0.15723,
+    "iq1_m": 0.15724, "iq1_s": 0.17604,
 }
 
 SKIPPED_FTYPES = {"f32", "f16"}  # bf16 is the original's own precision; f32/f16 only cost more
