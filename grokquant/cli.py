@@ -144,7 +144,8 @@ def convert(checkpoint, output, ftype, recipe, rope, imatrix, split_max_size, na
 
     try:
         paths = run_convert(checkpoint, output, rec, rope=rope, split_max_bytes=split_max_bytes, imatrix=imat,
-                            force=force, name=name, progress=progress, on_plan=planned)
+                            force=force, name=name, progress=progress, on_plan=planned,
+                            notice=lambda message: click.echo(message, err=True))
     finally:
         if bar is not None:
             bar.close()

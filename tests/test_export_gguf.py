@@ -180,3 +180,37 @@ def test_recipes_load_and_override():
         assert load_recipe(name).ftype == name
     with pytest.raises(GrokquantError, match="unknown tensor class"):
         GGUFRecipe("x", "q4_k_m", {"routers": "Q8_0"})
+
+
+def test_temporary_of_a_killed_convert_is_removed_by_the_next(wide_tp8, tmp_path):
+    """kill -9 leaves `.NAME.tmp-PID`; the next convert removes it (saying so) and writes the same bytes as an
+    uninterrupted run; a temporary of a live convert makes a second one to the same output refuse."""
+    out = tmp_path / "out.gguf"
+    cmd = [sys.executable, "-m", "grokquant", "convert", str(wide_tp8), "-o", str(out), "--type", "q4_k_m"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    tmp = tmp_path / f".out.gguf.tmp-{proc.pid}"
+    deadline = time.time() + 120
+    while not (tmp.exists() and tmp.stat().st_size > 100_000) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait()
+    assert tmp.exists() and not out.exists(), "the run ended before it could be interrupted"
+
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / f".out.gguf.tmp-{live.pid}").write_bytes(b"x")
+        refused = subprocess.run(cmd, capture_output=True, text=True)
+        assert refused.returncode == 2 and f"pid {live.pid}" in refused.stderr, refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1 and not out.exists()
+    finally:
+        live.kill()
+        live.wait()
+
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert f"removed {tmp}" in done.stderr and f"pid {live.pid}" in done.stderr  # both dead now
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.gguf"]
+    clean = tmp_path.parent / f"{tmp_path.name}-clean.gguf"
+    convert(wide_tp8, clean, GGUFRecipe("q4_k_m", "q4_k_m"))
+    assert clean.read_bytes() == out.read_bytes()
+    clean.unlink()

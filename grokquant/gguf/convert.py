@@ -9,6 +9,7 @@ renamed into place.
 from __future__ import annotations
 
 import os
+from glob import escape as glob_escape
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -233,13 +234,14 @@ def convert(checkpoint: str | Path, out: str | Path, recipe: GGUFRecipe, rope: s
             progress: Callable[[PlannedTensor, int], None] | None = None,
             prequantized: Callable[[PlannedTensor], np.ndarray | None] | None = None,
             extra_metadata: dict[str, str] | None = None,
-            on_plan: Callable[[list[PlannedTensor]], None] | None = None) -> list[Path]:
+            on_plan: Callable[[list[PlannedTensor]], None] | None = None,
+            notice: Callable[[str], None] | None = None) -> list[Path]:
     """Write `out` (or its split shards); returns the written paths.
 
     `on_plan(tensors)` is called once with every planned tensor, before anything is written.
     `progress(tensor, nbytes)` is called with 0 when a tensor starts and its size when it is written.
     `prequantized(tensor)` may supply a tensor's bytes (calibrated quantization did the rounding);
-    `extra_metadata` adds string keys to the header.
+    `extra_metadata` adds string keys to the header; `notice(message)` hears of removed stale temporaries.
     """
     if rope not in ROPE_MODES:
         raise GrokquantError(f"unknown rope mode {rope!r} (plain or yarn)")
@@ -258,6 +260,7 @@ def convert(checkpoint: str | Path, out: str | Path, recipe: GGUFRecipe, rope: s
     for p in paths:
         if p.exists() and not force:
             raise GrokquantError(f"{p} exists (use --force to overwrite)")
+    _claim(paths, notice)
     if on_plan:
         on_plan(tensors)
     tmps = [p.with_name(f".{p.name}.tmp-{os.getpid()}") for p in paths]
@@ -289,6 +292,32 @@ def convert(checkpoint: str | Path, out: str | Path, recipe: GGUFRecipe, rope: s
             tmp.unlink(missing_ok=True)
         ckpt.close()
     return paths
+
+
+def _claim(paths: list[Path], notice: Callable[[str], None] | None) -> None:
+    """Temporaries `.NAME.tmp-PID` of earlier runs: removed if their process is gone (killed, power loss),
+    refused if it still runs (two converts to one output would replace each other's file)."""
+    for p in paths:
+        for tmp in p.parent.glob(f".{glob_escape(p.name)}.tmp-*"):
+            pid = tmp.name.rsplit("-", 1)[1]
+            if not pid.isdigit() or int(pid) == os.getpid():
+                continue
+            if _process_alive(int(pid)):
+                raise GrokquantError(f"another convert (pid {pid}) is writing {p}: wait for it, or stop it")
+            size = tmp.stat().st_size
+            tmp.unlink(missing_ok=True)
+            if notice:
+                notice(f"removed {tmp} ({size / 1e9:.2f} GB), left by a run that stopped (pid {pid})")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def _write_tensors(w: GGUFWriter, where: Path, ckpt: Checkpoint, shard: list[PlannedTensor],
