@@ -369,8 +369,9 @@ def plan(checkpoint, recipe, gpu_memory, n_gpus, ram, context, reserve):
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
               help="Write a figure: perplexity vs size, KL divergence distribution (needs matplotlib).")
+@click.option("--force", is_flag=True, help="Overwrite an existing --save-baseline file.")
 def eval_(artifacts, data, ctx, stride, chunks, baseline, save_baseline, top_k, engine, semantics, batch_size,
-          as_json, plot_path):
+          as_json, plot_path, force):
     """Perplexity of checkpoints, GPTQ directories and GGUF files; KL divergence, top-1 agreement
     and Δp against a baseline (the statistics of llama-perplexity --kl-divergence)."""
     from grokquant.evaluate.report import plot, render, require_matplotlib, to_json
@@ -382,7 +383,7 @@ def eval_(artifacts, data, ctx, stride, chunks, baseline, save_baseline, top_k, 
         click.echo(f"{row['artifact']}: PPL {row['ppl']:.3f}", err=True)
 
     results, label = run_eval(artifacts, data, ctx, stride, chunks, baseline, save_baseline, top_k, engine,
-                              semantics, batch_size, on_artifact=progress)
+                              semantics, batch_size, on_artifact=progress, force=force)
     if plot_path and results:
         plot(results, plot_path)
     if as_json:

@@ -62,7 +62,7 @@ def check_same_tokenizer(artifacts: list[Artifact], tok, sample: str) -> None:
 def run_eval(paths: list[str | Path], data: str | Path = "builtin", ctx: int = 512, stride: int | None = None,
              chunks: int | None = None, baseline: str | Path | None = None, save_baseline: str | Path | None = None,
              top_k: int = DEFAULT_TOP_K, engine: str = "torch", semantics: str | None = None, batch_size: int = 8,
-             on_artifact=None) -> tuple[list[dict], str | None]:
+             on_artifact=None, force: bool = False) -> tuple[list[dict], str | None]:
     """`grokquant eval`: open everything, make the windows, evaluate; returns (results, baseline label).
 
     `engine` applies to GGUF files (`both`: a row for each engine); `baseline` is an artifact or a file
@@ -73,6 +73,11 @@ def run_eval(paths: list[str | Path], data: str | Path = "builtin", ctx: int = 5
         raise GrokquantError(f"unknown engine {engine!r} (torch, llama.cpp or both)")
     if top_k < 1:
         raise GrokquantError("--top-k must be at least 1")
+    for value, what in ((stride, "--stride"), (chunks, "--chunks"), (batch_size, "--batch-size"), (ctx, "--ctx")):
+        if value is not None and value < 1:
+            raise GrokquantError(f"{what} must be at least 1")
+    if save_baseline and Path(save_baseline).exists() and not force:
+        raise GrokquantError(f"{save_baseline} exists (use --force to overwrite)")
     if save_baseline and (baseline is None or is_baseline_file(baseline)):
         raise GrokquantError("--save-baseline needs --baseline ARTIFACT (a checkpoint, GPTQ directory or GGUF file)")
     artifacts = [art for p in paths for art in artifacts_at(p, engine, semantics)]
