@@ -228,7 +228,8 @@ def quantize(checkpoint, output, recipe, data, n_tokens, seq_len, seed, chat, de
 
     from grokquant.data.documents import calibration_tokens
     from grokquant.quantize.distributed import init_from_env
-    from grokquant.quantize.recipe import load_recipe, with_target_bpw
+    from grokquant.io.paths import check_output
+    from grokquant.quantize.recipe import GGUFRecipe, load_recipe, with_target_bpw
     from grokquant.quantize.run import check_recipe, quantize as run_quantize, read_report, render_report
     from grokquant.runtime.load import open_source, resolve_device
 
@@ -236,6 +237,7 @@ def quantize(checkpoint, output, recipe, data, n_tokens, seq_len, seed, chat, de
     if target_bpw is not None:
         rec = with_target_bpw(rec, target_bpw)
     check_recipe(rec)  # before torchrun starts and the calibration text is tokenized
+    check_output(output, [checkpoint], directory=not isinstance(rec, GGUFRecipe), force=force)
     group, device = init_from_env(resolve_device(device))  # torchrun: one rank of many
     with open_source(checkpoint) as source:  # for its tokenizer, and the layer count the progress bar shows
         tokens = calibration_tokens(source.tokenizer(), data, n_tokens, seq_len, seed, chat)

@@ -2,9 +2,13 @@ import json
 import subprocess
 import sys
 
+import pytest
 from click.testing import CliRunner
 
 from grokquant.cli import main
+from grokquant.errors import GrokquantError
+from grokquant.gguf.convert import convert as convert_gguf
+from grokquant.quantize.recipe import GGUFRecipe
 from grokquant.grok.config import GrokConfig
 
 
@@ -96,3 +100,35 @@ def test_quantize_cli_calibrated_gguf(tiny_tp8, tmp_path):
     assert res.exit_code == 2 and "grokquant convert" in res.output
     res = invoke("quantize", tiny_tp8, "-o", tmp_path / "z", "--device", "tpu", "--tokens", 256)
     assert res.exit_code == 2 and "--device tpu" in res.output
+
+
+def _tree(path):
+    return {p.relative_to(path): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_outputs_that_would_destroy_an_input_are_refused(tiny_copy, tmp_path):
+    """-o the checkpoint itself, or a folder holding it, with --force: one line, exit 2, every input byte kept
+    (quantize used to rmtree the checkpoint); an output of the wrong kind is refused before any work."""
+    before = _tree(tiny_copy)
+    cases = [("quantize", tiny_copy, "--recipe", "rtn-w4g128"), ("quantize", tmp_path, "--recipe", "rtn-w4g128"),
+             ("quantize", tiny_copy, "--recipe", "q4_k_m-imatrix"), ("convert", tiny_copy, "--type", "q8_0"),
+             ("convert", tmp_path, "--type", "q8_0")]
+    for cmd, out, *rest in cases:
+        extra = ["--tokens", 256, "--seq-len", 64] if cmd == "quantize" else []
+        res = invoke(cmd, tiny_copy, "-o", out, *rest, *extra, "--force")
+        assert res.exit_code == 2, (cmd, out, res.output)
+        if cmd == "quantize":  # convert's -o is a file: click refuses a folder itself
+            assert res.output.count("\n") == 1 and "the input" in res.output, (cmd, out, res.output)
+    assert _tree(tiny_copy) == before
+    a_file = tmp_path / "a_file"
+    a_file.write_bytes(b"keep")
+    res = invoke("quantize", tiny_copy, "-o", a_file, "--recipe", "rtn-w4g128", "--tokens", 256, "--seq-len", 64,
+                 "--force")
+    assert res.exit_code == 2 and "is a file" in res.output and a_file.read_bytes() == b"keep"
+    folder = tmp_path / "folder.gguf"
+    folder.mkdir()
+    with pytest.raises(GrokquantError, match="is a folder"):  # the library's own check, below click's
+        convert_gguf(tiny_copy, folder, GGUFRecipe("q8_0", "q8_0"), force=True)
+    with pytest.raises(GrokquantError, match="the input"):
+        convert_gguf(tiny_copy, tiny_copy, GGUFRecipe("q8_0", "q8_0"), force=True)
+    assert folder.is_dir() and _tree(tiny_copy) == before

@@ -21,6 +21,7 @@ from grokquant.grok.checkpoint import Checkpoint
 from grokquant.grok.config import GrokConfig
 from grokquant.errors import GrokquantError
 from grokquant.gguf.file import GGUFWriter, read_gguf
+from grokquant.io.paths import check_output
 from grokquant.io.pipeline import WriteBehind, read_ahead
 from grokquant.grok.names import gguf_tensors, release_names
 from grokquant.quant.ggml.base import QUANTIZERS, quantize
@@ -258,8 +259,7 @@ def convert(checkpoint: str | Path, out: str | Path, recipe: GGUFRecipe, rope: s
     shards = split_plan(tensors, split_max_bytes)
     paths = shard_paths(Path(out), len(shards))
     for p in paths:
-        if p.exists() and not force:
-            raise GrokquantError(f"{p} exists (use --force to overwrite)")
+        check_output(p, [checkpoint], directory=False, force=force)
     _claim(paths, notice)
     if on_plan:
         on_plan(tensors)

@@ -36,6 +36,7 @@ from grokquant.quantize import distributed
 from grokquant.calibrate.statistics import Collector, LayerStats
 from grokquant.grok.checkpoint import Checkpoint
 from grokquant.errors import GrokquantError
+from grokquant.io.paths import check_output
 from grokquant.grok.model import Grok2ForCausalLM
 from grokquant.grok.names import expert_groups, gguf_tensors
 from grokquant.grok.streaming import LayerStreamer
@@ -149,9 +150,7 @@ def quantize(checkpoint: str | Path, out: str | Path, recipe: Recipe, tokens: to
     Under torch.distributed every rank calls this with the same arguments; rank 0 writes.
     """
     group = distributed.current()
-    out = Path(out)
-    if out.exists() and not force:
-        raise GrokquantError(f"{out} exists (use --force to overwrite)")
+    out = check_output(out, [checkpoint], directory=not isinstance(recipe, GGUFRecipe), force=force)
     check_recipe(recipe)
     ckpt = Checkpoint.open(checkpoint)
     cfg = ckpt.config
