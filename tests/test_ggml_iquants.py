@@ -112,9 +112,59 @@ def test_iq4_lookup_matches_c_formula():
         near, np.nextafter(near, np.float32(np.inf)), np.nextafter(near, np.float32(-np.inf)),
         rng.uniform(-140, 140, 100_000).astype(np.float32),
         (rng.standard_normal(10_000) * 1e-30).astype(np.float32), np.array([-1e30, 1e30], np.float32),
+        np.array([np.nan, -np.nan, np.inf, -np.inf], np.float32),  # C's binary search ends at 15 for NaN
     ]).astype(np.float32)
-    ours = iq.iq4_index(torch.from_numpy(x)).numpy()
+    ours = np.empty(len(x), np.int32)
+    iq.iq4_index(x, ours)
     np.testing.assert_array_equal(ours, c_best_index(x))
+
+
+@pytest.mark.parametrize("name", ["IQ4_NL", "IQ4_XS"])
+def test_iq4_strided_input_and_chunk_splits_give_the_same_bytes(name, monkeypatch):
+    """Non-contiguous rows and blocks, and chunks split over two worker threads, change no byte."""
+    x = torch.from_numpy(edge_matrix(24, 1024, seed=12))
+    im = imatrix(1024, seed=12)
+    q = QUANTIZERS[name]
+    blocks = x.reshape(-1, q.type.block)
+    qw = torch.from_numpy(im).view(-1, q.type.block).repeat(24, 1)
+    want = {}
+    for path, imat in (("plain", None), ("imatrix", torch.from_numpy(im))):
+        whole = want[path] = q.quantize(x, imat)
+        assert np.array_equal(whole.numpy(), ggml_quantize(name, x.numpy(), None if imat is None else im))
+        assert torch.equal(q.quantize(x.t().contiguous().t(), imat), whole)  # column-major rows
+        assert torch.equal(q.quantize(x[::2], imat), whole[::2])
+        w = None if imat is None else qw
+        want[path + " blocks"] = q.quantize_blocks(blocks, w)
+        w3 = None if w is None else w[::3]
+        dense = q.quantize_blocks(blocks[::3].contiguous(), None if w3 is None else w3.contiguous())
+        assert torch.equal(q.quantize_blocks(blocks[::3], w3), dense)
+    monkeypatch.setattr(q, "chunk", 3)  # quantize() rounds a chunk up to whole rows
+    torch.set_num_threads(2)
+    try:
+        for path, imat in (("plain", None), ("imatrix", torch.from_numpy(im))):
+            assert torch.equal(q.quantize(x, imat), want[path])
+            assert torch.equal(q.quantize_blocks(blocks, None if imat is None else qw), want[path + " blocks"])
+    finally:
+        torch.set_num_threads(1)
+
+
+@pytest.mark.parametrize("name", ["IQ4_NL", "IQ4_XS"])
+def test_iq4_non_finite_blocks_match_ggml(name):
+    """NaN and +-inf in a block: C's NaN-skipping compares, nearest_int bits and its lookup of NaN."""
+    rng = np.random.default_rng(13)
+    x = rng.standard_normal((8, 512)).astype(np.float32)
+    x[0, :256] = np.inf
+    x[1, :32] = -np.inf
+    x[2, 40:300] = np.nan
+    x[3, ::37] = np.nan
+    x[4, 5], x[4, 70], x[4, 300] = np.inf, -np.inf, np.nan
+    x[5, :256] = 3e38
+    x[6, 0], x[6, 1] = np.nan, np.inf
+    for imat in (None, rng.uniform(0.1, 2, 512).astype(np.float32)):
+        with np.errstate(all="ignore"):
+            ref = ggml_quantize(name, x, imat)
+            ours = QUANTIZERS[name].quantize(torch.from_numpy(x), None if imat is None else torch.from_numpy(imat))
+        np.testing.assert_array_equal(ours.numpy(), ref)
 
 
 def test_nearest_int_is_ggml_trick():

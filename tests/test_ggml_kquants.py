@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from grokquant.quant.ggml.reference import ggml_quantize, ggml_validate
-from grokquant.quant.ggml import kquant_kernels as kk
+from grokquant.quant.ggml.compiled import fp16_bits, fp16_value
 from grokquant.quant.ggml import kquants as K
 
 TYPES = ["Q4_K", "Q5_K", "Q6_K"]
@@ -190,11 +190,11 @@ def test_fp16_conversion_matches_numpy():
     v = v[~np.isnan(v)].astype(np.float32)
     with np.errstate(over="ignore"):
         want = v.astype(np.float16).view(np.uint16)
-    got = np.array([kk.fp16_bits(f) for f in v], np.uint16)
+    got = np.array([fp16_bits(f) for f in v], np.uint16)
     np.testing.assert_array_equal(got, want)
-    back = np.array([kk.fp16_value(int(h)) for h in want], np.float32)
+    back = np.array([fp16_value(int(h)) for h in want], np.float32)
     np.testing.assert_array_equal(back.view(np.uint32), want.view(np.float16).astype(np.float32).view(np.uint32))
-    assert kk.fp16_bits(np.float32(np.nan)) & 0x7FFF == 0x7E00
+    assert fp16_bits(np.float32(np.nan)) & 0x7FFF == 0x7E00
 
 
 def test_roundtrip_quality():

@@ -182,12 +182,71 @@ def test_roundtrip_nd_shapes(type_name, tol):
         quantize(torch.zeros(2, 48), type_name)
 
 
-def test_roundf_is_half_away_from_zero():
-    halves = np.arange(-260, 261, dtype=np.float32) / 2
+def test_q8_0_rounds_half_away_from_zero():
+    """Blocks whose max is 127 have d = id = 1, so the codes are C's (int8_t)roundf(x) of the values themselves:
+    exact halves round away from zero, their float neighbours to the nearest."""
+    halves = np.arange(-253, 254, dtype=np.float32) / 2
     near = [np.nextafter(halves, np.float32(s)) for s in (-1e9, 1e9)]
-    v = np.concatenate([halves, *near, np.random.default_rng(5).uniform(-130, 130, 10000).astype(np.float32)])
-    expect = np.sign(v) * np.floor(np.abs(v.astype(np.float64)) + 0.5)  # exact in float64
-    assert np.array_equal(ggml_legacy._roundf(torch.from_numpy(v)).numpy(), expect.astype(np.float32))
+    v = np.concatenate([halves, *near, np.random.default_rng(5).uniform(-127, 127, 3000).astype(np.float32)])
+    v = np.resize(v, (len(v) + 30) // 31 * 31).reshape(-1, 31)
+    x = np.concatenate([np.full((len(v), 1), 127, np.float32), v], axis=1).astype(np.float32)
+    ours = _ours("Q8_0", x)
+    assert np.array_equal(ours, ggml_quantize("Q8_0", x))
+    expect = np.sign(x) * np.floor(np.abs(x.astype(np.float64)) + 0.5)  # exact in float64
+    assert np.array_equal(ours.reshape(-1, 34)[:, 2:].view(np.int8), expect.astype(np.int8))
+
+
+def _non_finite_rows() -> np.ndarray:
+    """Blocks with NaN and +-inf (where C's NaN-skipping compares, int8 casts and nearest_int show), next to
+    gaussian ones, two blocks a row."""
+    g = np.random.default_rng(8).standard_normal((12, QK)).astype(np.float32)
+    inf, nan = np.inf, np.nan
+    blocks = [np.full(QK, inf), np.full(QK, -inf), np.full(QK, nan), np.r_[nan, g[0, 1:]], np.r_[g[1, :31], nan],
+              np.r_[g[2, :5], nan, g[2, 6:]], np.r_[g[3, :5], inf, g[3, 6:]], np.r_[g[4, :5], -inf, g[4, 6:]],
+              np.r_[inf, -inf, g[5, 2:]], np.r_[nan, inf, np.zeros(30)], np.r_[-inf, nan, np.full(30, -inf)],
+              np.r_[np.zeros(16), np.full(16, nan)], np.r_[-np.zeros(16), nan, np.zeros(15)],
+              np.full(QK, 3e38), np.r_[3e38, -3e38, g[6, 2:]], np.r_[-3.4e38, g[7, 1:]], *g[8:]]
+    return np.stack(blocks).astype(np.float32).reshape(-1, 2 * QK)
+
+
+@pytest.mark.parametrize("type_name", TYPES)
+def test_non_finite_blocks_match_ggml(type_name):
+    x = _non_finite_rows()
+    im = np.random.default_rng(9).uniform(0.1, 2, x.shape[1]).astype(np.float32)
+    for imatrix in (None, im):
+        with np.errstate(all="ignore"):
+            ref = ggml_quantize(type_name, x, imatrix)
+        assert np.array_equal(_ours(type_name, x, imatrix), ref), imatrix is None
+
+
+@pytest.mark.parametrize("type_name", TYPES)
+def test_strided_input_and_chunk_splits_give_the_same_bytes(type_name, monkeypatch):
+    """Non-contiguous rows and blocks, and chunks that split the rows over two worker threads, change no byte."""
+    x, im = cases()["outliers"]
+    X = torch.from_numpy(x)
+    q = QUANTIZERS[type_name]
+    blocks = X.reshape(-1, QK)
+    qw = torch.from_numpy(im).view(-1, QK).repeat(x.shape[0], 1)  # per block: each block its own row
+    want = {}
+    for path, imatrix in (("plain", None), ("imatrix", torch.from_numpy(im))):
+        whole = want[path] = quantize(X, type_name, imatrix)
+        assert np.array_equal(whole.numpy(), ggml_quantize(type_name, x, None if imatrix is None else im))
+        assert torch.equal(quantize(X.t().contiguous().t(), type_name, imatrix), whole)  # column-major rows
+        assert torch.equal(quantize(X[::2], type_name, imatrix), whole[::2])  # every other row
+        w = None if imatrix is None else qw
+        want[path + " blocks"] = q.quantize_blocks(blocks, w)
+        w3 = None if w is None else w[::3]
+        dense = q.quantize_blocks(blocks[::3].contiguous(), None if w3 is None else w3.contiguous())
+        assert torch.equal(q.quantize_blocks(blocks[::3], w3), dense)
+    monkeypatch.setattr(ggml_legacy, "CHUNK_IMATRIX", 7)  # quantize() rounds a chunk up to whole rows
+    monkeypatch.setattr(q, "chunk", 5)
+    torch.set_num_threads(2)  # two worker threads over the chunks
+    try:
+        for path, imatrix in (("plain", None), ("imatrix", torch.from_numpy(im))):
+            assert torch.equal(quantize(X, type_name, imatrix), want[path])
+            assert torch.equal(q.quantize_blocks(blocks, None if imatrix is None else qw), want[path + " blocks"])
+    finally:
+        torch.set_num_threads(1)
 
 
 def test_imatrix_lowers_weighted_error():

@@ -11,6 +11,8 @@ GIL (`nogil`) and run on base.quantize_chunks' worker threads; their machine cod
 
 from __future__ import annotations
 
+import math
+
 import llvmlite.ir
 import numba
 import numba.extending
@@ -30,15 +32,57 @@ def nearest_int(fval: np.float32) -> int:
 
 
 @numba.extending.intrinsic
-def _f32_bits(typingctx, v):
-    """The bits of a float32 as int32 (C's memcpy from float to int)."""
-    if v != numba.types.float32:
-        return None
+def bits(typingctx, v):
+    """float32 -> its bits as int32, and int32 -> the float32 of those bits (C's memcpy between them)."""
+    if v == numba.types.float32:
+        return numba.types.int32(v), lambda ctx, b, sig, args: b.bitcast(args[0], llvmlite.ir.IntType(32))
+    if v == numba.types.int32:
+        return numba.types.float32(v), lambda ctx, b, sig, args: b.bitcast(args[0], llvmlite.ir.FloatType())
+    return None
 
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], llvmlite.ir.IntType(32))
 
-    return numba.types.int32(numba.types.float32), codegen
+IMAX = np.int32(0x7FFFFFFF)
+INF_BITS = np.int32(0x7F800000)
+
+
+@inline
+def fp16_bits(f):
+    """GGML_FP32_TO_FP16 as x86's vcvtps2ph computes it (round to nearest even, NaN quieted keeping its top
+    payload bits), as int32 bits; integer ops only (the scales of memory-bound quantizers go through it)."""
+    u = bits(f)
+    a = u & IMAX
+    if a > INF_BITS:
+        h = np.int32(0x7E00 | ((a >> 13) & 0x3FF))
+    elif a >= np.int32(0x477FF000):  # rounds to 65536 or more: inf
+        h = np.int32(0x7C00)
+    elif a >= np.int32(0x38800000):  # normal: rebias the exponent, round the 13 dropped bits to even
+        h = np.int32((a - np.int32(0x38000000) + np.int32(0xFFF) + ((a >> 13) & 1)) >> 13)
+    else:  # subnormal or zero: adding 0.5 rounds |f| to a multiple of 2^-24 in the FPU
+        h = np.int32(bits(abs(f) + F32(0.5)) - np.int32(0x3F000000))
+    return np.int32(h | ((u >> 16) & np.int32(0x8000)))
+
+
+@inline
+def fp16_value(h):
+    """IEEE half bits -> float32 (exact)."""
+    e = (h >> 10) & 31
+    m = h & 1023
+    if e == 31:
+        v = math.inf if m == 0 else math.nan
+    elif e == 0:
+        v = math.ldexp(float(m), -24)
+    else:
+        v = math.ldexp(float(m + 1024), e - 25)
+    return F32(-v if h & 0x8000 else v)
+
+
+@inline
+def put_fp16(out, b, o, v):
+    """GGML_FP32_TO_FP16 of v into out[b, o:o+2] (little endian) -> the value read back (GGML_FP16_TO_FP32)."""
+    h = fp16_bits(v)
+    out[b, o] = np.uint8(h & 255)
+    out[b, o + 1] = np.uint8((h >> 8) & 255)
+    return fp16_value(h)
 
 
 @kernel
@@ -46,7 +90,7 @@ def nearest_int_bits(fval: np.float32) -> int:
     """ggml's nearest_int exactly as C computes it, for every input: add 1.5 * 2^23 and read the low 23 bits.
     Equals `nearest_int` for |fval| < 2^22; beyond that (huge, inf, NaN) it gives C's garbage, which a clamp
     after it turns into a level, so searches that may meet such values use this one."""
-    return (_f32_bits(fval + F32(12582912.0)) & 0x7FFFFF) - 0x400000
+    return (bits(fval + F32(12582912.0)) & 0x7FFFFF) - 0x400000
 
 
 @inline

@@ -20,12 +20,11 @@ What differs from C is only the order in which independent work is done, never a
 
 from __future__ import annotations
 
-import math
 from functools import lru_cache
 
 import numpy as np
 
-from grokquant.quant.ggml.compiled import F32, inline, kernel, make_qp_quants, nearest_int_bits
+from grokquant.quant.ggml.compiled import F32, inline, kernel, make_qp_quants, nearest_int_bits, put_fp16
 
 QK_K = 256
 TILE = 8  # blocks searched together: 64 (Q4_K, Q5_K) or 128 (Q2_K, Q3_K, Q6_K) lanes
@@ -43,51 +42,6 @@ def trial_numerators(nmax: int, rmin: float, rdelta: float, nstep: int) -> np.nd
 def qx_numerators(nmax: int) -> np.ndarray:
     """make_qx_quants' `nmax` and `nmax + 0.1f*is` for is = -9..9 (is != 0), in C's order (float32)."""
     return np.array([F32(nmax)] + [F32(nmax) + F32(0.1) * F32(i) for i in range(-9, 10) if i], np.float32)
-
-
-# ---- fp16 (GGML_FP32_TO_FP16: round to nearest even) ------------------------------------------------
-
-@inline
-def fp16_bits(v):
-    """float32 -> IEEE half bits, rounded to nearest even; NaN -> sign | 0x7E00 (ggml's conversion)."""
-    f = float(v)  # exact
-    sign = 0x8000 if math.copysign(1.0, f) < 0 else 0
-    a = abs(f)
-    if a != a:
-        return sign | 0x7E00
-    if a >= 65520.0:  # at or past the midpoint above 65504
-        return sign | 0x7C00
-    if a < 6.103515625e-05:  # below 2^-14: subnormal, units of 2^-24 (1024 units is the smallest normal)
-        return sign | int(np.rint(a * 16777216.0))
-    m, e = math.frexp(a)  # a = m * 2^e, 0.5 <= m < 1
-    q = int(np.rint(m * 2048.0))  # 11 significant bits
-    if q == 2048:
-        q = 1024
-        e += 1
-    return sign | ((e + 14) << 10) | (q - 1024)
-
-
-@inline
-def fp16_value(h):
-    """IEEE half bits -> float32 (exact)."""
-    e = (h >> 10) & 31
-    m = h & 1023
-    if e == 31:
-        v = math.inf if m == 0 else math.nan
-    elif e == 0:
-        v = math.ldexp(float(m), -24)
-    else:
-        v = math.ldexp(float(m + 1024), e - 25)
-    return F32(-v if h & 0x8000 else v)
-
-
-@inline
-def put_fp16(out, b, o, v):
-    """GGML_FP32_TO_FP16 of v into out[b, o:o+2] (little endian) -> the value read back (GGML_FP16_TO_FP32)."""
-    h = fp16_bits(v)
-    out[b, o] = h & 255
-    out[b, o + 1] = h >> 8
-    return fp16_value(h)
 
 
 # ---- the searches, on lanes: x, w [n, lanes], lanes 0..G-1 ----------------------------------------------
