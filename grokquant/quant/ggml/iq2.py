@@ -10,7 +10,13 @@ The kernels run C's loops in C's order in float32 (numba, no fast-math), so ever
 sees and the bytes are ggml's. They differ from C only in what they compute once: the neighbour score of a
 candidate is a sum of 8 terms w_i (s q_i - x_i)^2, each a function of (coordinate, level) only, so the 24
 possible terms of an octet are computed once per trial (C's float ops exactly) and a candidate's score is 8
-table reads summed in C's order; likewise the products w x q and w q q of the fit sums per (element, level).
+table reads summed in C's order (where each term lies among the 24 is packed per listed neighbour, 5 bits a
+coordinate); likewise the products w x q and w q q of the fit sums per (element, level). The levels of all
+trials of a group are rounded first in one branch-free loop (exact while |id*x| < 2^22; otherwise C's bit
+trick per octet, as before). A trial whose octets land on the same points (on or off the grid alike) as the
+trial before it has the same fit sums, so its fit and test are skipped: had the earlier trial been rejected,
+the best has not moved and this one is rejected too; had it been accepted, accepting the same sums again
+writes the same scale, best, levels and points. No byte depends on these shortcuts.
 """
 
 from __future__ import annotations
@@ -50,14 +56,16 @@ S = _Spec("IQ2_S", 2, tuple(range(-9, 10)))  # as XS, 8 free sign bits, GROUP_MA
 def _tables(name: str) -> tuple[np.ndarray, ...]:
     """The grid as the kernels read it: kmap [words] (grid point of a packed word u = sum l_i << 2i, or -1),
     start, length [words] (its neighbour list in `flat`, C's order), flat (int16 grid points), slots
-    [points, 8] (3i + level of each coordinate: where its term lies among an octet's 24), codes [points, 8]."""
+    [len(flat)] (per listed neighbour, the place 8l + i of each coordinate's term among an octet's 24, 5 bits
+    each, coordinate i at bit 5i), codes [points, 8]."""
     g = grid(name)
     codes = g.codes.numpy().astype(np.uint8)
     nb = g.neighbours.numpy()
     length = (nb >= 0).sum(1).astype(np.int32)
     start = (np.cumsum(length) - length).astype(np.int32)
     flat = nb[nb >= 0].astype(np.int16)  # row-major: each list in order
-    slots = (codes + np.arange(0, 24, 3, dtype=np.uint8)).astype(np.uint8)
+    place = codes[flat].astype(np.int64) * 8 + np.arange(8)  # 8l + i: coordinate i's term at level l
+    slots = (place << (5 * np.arange(8))).sum(1)
     return g.index.numpy().astype(np.int32), start, length, flat, slots, codes
 
 
@@ -84,37 +92,37 @@ def _word(id_, xval, o, L):
 def _best_neighbour(u, s, xval, waux, o, terms, start, length, flat, slots):
     """iq2_find_best_neighbour for word u at scale s: the first listed point of least sum over i of
     waux_i*(s*q_i - x_i)^2 (C: `d2 < best_d2` from FLT_MAX), or -1 if none scores below FLT_MAX (ggml aborts).
-    terms[3i + l] is C's term of coordinate i at level l; a score sums a point's 8 terms in C's order (C adds
-    them to d2 = 0: the same floats, as 0 + t = t for t >= 0)."""
+    terms[8l + i] is C's term of coordinate i at level l (three branch-free loops of 8); a score sums a
+    point's 8 terms in C's order (C adds them to d2 = 0: the same floats, as 0 + t = t for t >= 0), their
+    places read from the neighbour's slots word (5 bits per coordinate)."""
     sq1 = s  # s * q for q = 2l + 1
     sq3 = s * F32(3.0)
     sq5 = s * F32(5.0)
     for i in range(8):
-        xi = xval[o + i]
-        wi = waux[o + i]
-        d = sq1 - xi
-        terms[3 * i] = wi * d * d
-        d = sq3 - xi
-        terms[3 * i + 1] = wi * d * d
-        d = sq5 - xi
-        terms[3 * i + 2] = wi * d * d
+        d = sq1 - xval[o + i]
+        terms[i] = waux[o + i] * d * d
+    for i in range(8):
+        d = sq3 - xval[o + i]
+        terms[8 + i] = waux[o + i] * d * d
+    for i in range(8):
+        d = sq5 - xval[o + i]
+        terms[16 + i] = waux[o + i] * d * d
     best = FLT_MAX
     pick = -1
     for j in range(start[u], start[u] + length[u]):
-        p = flat[j]
-        d2 = (terms[slots[p, 0]] + terms[slots[p, 1]] + terms[slots[p, 2]] + terms[slots[p, 3]]
-              + terms[slots[p, 4]] + terms[slots[p, 5]] + terms[slots[p, 6]] + terms[slots[p, 7]])
+        t = slots[j]
+        d2 = (terms[t & 31] + terms[(t >> 5) & 31] + terms[(t >> 10) & 31] + terms[(t >> 15) & 31]
+              + terms[(t >> 20) & 31] + terms[(t >> 25) & 31] + terms[(t >> 30) & 31] + terms[(t >> 35) & 31])
         if d2 < best:
             best = d2
-            pick = p
-    return pick
+            pick = j
+    return pick if pick < 0 else flat[pick]
 
 
 @inline
-def _octet(id_, s, xval, waux, o, L, terms, kmap, start, length, flat, slots, codes):
-    """Round octet o at inverse scale id_ (scale s) onto the grid: its levels into L -> grid point, -1 - point
-    if it was off the grid (then L holds the neighbour's levels), or -1 - npoints if no neighbour scored."""
-    u = _word(id_, xval, o, L)
+def _place(u, s, xval, waux, o, L, terms, kmap, start, length, flat, slots, codes):
+    """Word u (levels in L[o:o+8]) at scale s onto the grid -> its grid point, -1 - point if it was off the
+    grid (then L holds the neighbour's levels), or -1 - npoints if no neighbour scored."""
     gi = kmap[u]
     if gi >= 0:
         return gi
@@ -124,6 +132,31 @@ def _octet(id_, s, xval, waux, o, L, terms, kmap, start, length, flat, slots, co
     for i in range(8):
         L[o + i] = codes[gi, i]
     return -1 - gi
+
+
+@inline
+def _octet(id_, s, xval, waux, o, L, terms, kmap, start, length, flat, slots, codes):
+    """Round octet o at inverse scale id_ (scale s) onto the grid: its levels into L -> as `_place`."""
+    return _place(_word(id_, xval, o, L), s, xval, waux, o, L, terms, kmap, start, length, flat, slots, codes)
+
+
+@inline
+def _trial_words(nums, base, xval, G, Lv, U):
+    """The levels of every trial (Lv [trials, G]) and their words (U [trials, octets]), as `_word` computes
+    them, branch-free for |id*x| < 2^22 -> False if some |id*x| is not (then `_word` must decide)."""
+    ok = True
+    for t in range(nums.shape[0]):
+        id_ = nums[t] / base
+        for i in range(G):
+            y = id_ * xval[i]
+            ok &= abs(y) < F32(4194304.0)
+            Lv[t, i] = (1 if y > F32(2.0) else 0) + (1 if y >= F32(4.0) else 0)
+        for k in range(G // 8):
+            u = 0
+            for i in range(8):
+                u |= Lv[t, 8 * k + i] << (2 * i)
+            U[t, k] = u
+    return ok
 
 
 @inline
@@ -158,6 +191,8 @@ def _quantize(x, qw, use_qw, kind, nums, out, d, kmap, start, length, flat, slot
     Laux = np.empty(G, np.int64)
     qpL = np.empty(G, np.uint8)
     terms = np.empty(24, np.float32)
+    Lv = np.empty((ntry, G), np.int64)
+    U = np.empty((ntry, nk), np.int64)
     gsel = np.empty(nk, np.int64)
     gaux = np.empty(nk, np.int64)
     signs = np.empty((ngroups, nk), np.int64)
@@ -210,14 +245,25 @@ def _quantize(x, qw, use_qw, kind, nums, out, d, kmap, start, length, flat, slot
                 gsel[k] = kmap[0]
             for i in range(G):
                 L[i] = 0
+            fast = _trial_words(nums, base, xval, G, Lv, U)
             for t in range(ntry):
                 id_ = nums[t] / base
                 s = F32(1.0) / id_
+                same = t > 0  # the same points (and on/off the grid) as the trial before: its fit and test
                 for k in range(nk):
-                    gaux[k] = _octet(id_, s, xval, waux, 8 * k, Laux, terms, kmap, start, length, flat, slots,
-                                     codes)
-                    if gaux[k] == -1 - npoints:
+                    if fast:
+                        for i in range(8 * k, 8 * k + 8):
+                            Laux[i] = Lv[t, i]
+                        gk = _place(U[t, k], s, xval, waux, 8 * k, Laux, terms, kmap, start, length, flat, slots,
+                                    codes)
+                    else:
+                        gk = _octet(id_, s, xval, waux, 8 * k, Laux, terms, kmap, start, length, flat, slots, codes)
+                    if gk == -1 - npoints:
                         return b
+                    same &= gk == gaux[k]
+                    gaux[k] = gk
+                if same:  # the same sums: rejected again, or accepted again into the same state
+                    continue
                 sumqx, sumq2 = _fit(Laux, wxq, wqq, G)
                 if sumq2 > F32(0.0) and sumqx * sumqx > best * sumq2:
                     scale = sumqx / sumq2
