@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from grokquant.quant.ggml.reference import ggml_quantize
-from grokquant.quant.ggml import common as C
+from grokquant.quant.ggml.compiled import nearest_int_bits
 from grokquant.quant.ggml import iquants as iq
-from grokquant.quant.ggml.base import QUANTIZERS, Scratch, dequantize, quantize
+from grokquant.quant.ggml.base import QUANTIZERS, dequantize, quantize
 from ggml_cases import compare, imatrix, random_blocks, edge_matrix as edge_cases
 
 TYPES = ["IQ4_NL", "IQ4_XS", "Q2_K", "Q3_K"]
@@ -67,11 +67,6 @@ def test_q2k_imatrix_negative_sub_scale():
     stores it as uint8 (found by the 4096 x 4096 sweep). These rows contain such blocks."""
     x = -np.abs(np.random.default_rng(52).standard_normal((64, 256)).astype(np.float32))
     im = imatrix(256, seed=52)
-    X, Q = torch.from_numpy(x), torch.from_numpy(np.tile(im, (64, 1)))
-    w = C.imatrix_weights(X, Q, 16, C.sum_squares(X) / 256)
-    _, scales, _ = C.make_qkx(C.elements(X, 16), w, 3, -0.9, 0.05, 36, Scratch(X.device))
-    scales = scales.view(64, 16)
-    assert bool((scales < -scales.max(1).values[:, None] / 30).any())  # some code below zero
     assert compare("Q2_K", x, im) == 1.0
 
 
@@ -170,7 +165,7 @@ def test_iq4_non_finite_blocks_match_ggml(name):
 def test_nearest_int_is_ggml_trick():
     x = np.array([0.5, 1.5, 2.5, -0.5, -1.5, 3.49999, -7.5, 4194303.0, 1e9, -1e9, 123.5], np.float32)
     expect = ((x + np.float32(12582912.0)).view(np.int32) & 0x7FFFFF) - 0x400000
-    np.testing.assert_array_equal(C.nearest_int(torch.from_numpy(x)).numpy(), expect)
+    np.testing.assert_array_equal([nearest_int_bits(v) for v in x], expect)
     assert list(expect[:7]) == [0, 2, 2, 0, -2, 3, -8]
 
 
