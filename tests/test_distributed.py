@@ -69,6 +69,7 @@ def test_two_gloo_ranks_write_the_bytes_of_one_process(tiny_tp8, tmp_path, recip
     assert files(one) == files(two)
 
 
+@pytest.mark.slow  # long: `make test-slow` (keeps the default run under 10 min on 2 cores)
 def test_dead_rank_fails_the_job_which_then_resumes(tiny_tp8, tmp_path):
     out = tmp_path / "resumed"
     reference = tmp_path / "reference"

@@ -74,6 +74,7 @@ quantize(sys.argv[1], sys.argv[2], GPTQRecipe(method="rtn"), tokens, expert_batc
 """
 
 
+@pytest.mark.slow  # long: `make test-slow` (keeps the default run under 10 min on 2 cores)
 def test_quantize_one_expert_at_a_time_bounds_memory(wide_tp8, tmp_path):
     """--expert-batch 1 holds one expert's weights and Hessians, not all eight of the layer."""
     base = python_measured(BASELINE).peak_rss
@@ -109,6 +110,7 @@ def test_calibrate_peak_does_not_grow_with_the_experts(tmp_path):
     assert peaks[8] - peaks[2] < 0.4 * 6 * expert_f32  # a whole layer at once: most of the 6 experts' 72 MiB
 
 
+@pytest.mark.slow  # long: `make test-slow` (keeps the default run under 10 min on 2 cores)
 def test_quantize_peak_does_not_grow_with_layers(checkpoints, tmp_path):
     """Per layer only the hidden states carry over: 8 layers peak where 2 do."""
     peaks = {}

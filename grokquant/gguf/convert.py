@@ -297,17 +297,20 @@ def convert(checkpoint: str | Path, out: str | Path, recipe: GGUFRecipe, rope: s
 def _claim(paths: list[Path], notice: Callable[[str], None] | None) -> None:
     """Temporaries `.NAME.tmp-PID` of earlier runs: removed if their process is gone (killed, power loss),
     refused if it still runs (two converts to one output would replace each other's file)."""
+    stale = []
     for p in paths:
         for tmp in p.parent.glob(f".{glob_escape(p.name)}.tmp-*"):
             pid = tmp.name.rsplit("-", 1)[1]
             if not pid.isdigit() or int(pid) == os.getpid():
                 continue
-            if _process_alive(int(pid)):
+            if _process_alive(int(pid)):  # refused before anything is touched
                 raise GrokquantError(f"another convert (pid {pid}) is writing {p}: wait for it, or stop it")
-            size = tmp.stat().st_size
-            tmp.unlink(missing_ok=True)
-            if notice:
-                notice(f"removed {tmp} ({size / 1e9:.2f} GB), left by a run that stopped (pid {pid})")
+            stale.append((tmp, pid))
+    for tmp, pid in stale:
+        size = tmp.stat().st_size
+        tmp.unlink(missing_ok=True)
+        if notice:
+            notice(f"removed {tmp} ({size / 1e9:.2f} GB), left by a run that stopped (pid {pid})")
 
 
 def _process_alive(pid: int) -> bool:
