@@ -161,3 +161,16 @@ def test_convert_progress_sees_every_tensor_in_order(tiny_tp8, tmp_path):
     assert [n for n, b in events if b > 0] == names
     for i in range(len(names)):  # started, then written, before the next starts
         assert events[2 * i][0] == events[2 * i + 1][0] and events[2 * i][1] == 0 < events[2 * i + 1][1]
+
+
+def test_validate_without_data_still_catches_a_truncated_file(tiny_tp8, tmp_path):
+    from grokquant.gguf.convert import plan, validate
+    from grokquant.grok.checkpoint import Checkpoint
+
+    out = tmp_path / "out.gguf"
+    convert(tiny_tp8, out, GGUFRecipe("q8_0", "q8_0"))
+    expected = plan(Checkpoint.open(tiny_tp8).config, GGUFRecipe("q8_0", "q8_0"))
+    validate(out, expected, data=False)
+    out.write_bytes(out.read_bytes()[:-100])
+    with pytest.raises(GrokquantError, match="truncated"):
+        validate(out, expected, data=False)

@@ -191,6 +191,9 @@ def validate(path: Path, expected: list[PlannedTensor], data: bool = True) -> No
     try:
         if [n for n in f.tensors] != [t.name for t in expected]:
             raise GrokquantError(f"{path}: tensor list differs from the plan")
+        end = f.data_start + max((i.offset + i.nbytes for i in f.tensors.values()), default=0)
+        if Path(path).stat().st_size < end:
+            raise GrokquantError(f"{path}: truncated ({Path(path).stat().st_size} of {end} bytes)")
         for t in expected:
             info = f.tensors[t.name]
             if info.shape != tuple(t.shape) or info.type.id != t.type.id:
