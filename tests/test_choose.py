@@ -41,7 +41,6 @@ def test_the_best_is_the_lowest_measured_kld_that_fits():
     assert any(a.report.file_bytes < b.report.file_bytes for i, a in enumerate(ranked) for b in ranked[i + 1:])
 
 
-@pytest.mark.slow  # long: `make test-slow` (keeps the default run under 10 min on 2 cores)
 def test_a_recipe_that_does_not_fit_shows_what_does():
     result = CliRunner().invoke(main, ["plan", "--recipe", "q8_0", "--gpu", "24GiB", "--ram", "64GiB"])
     assert result.exit_code == 2
@@ -50,7 +49,6 @@ def test_a_recipe_that_does_not_fit_shows_what_does():
     assert last.startswith("error: q8_0 does not fit") and "the best that fits is" in last
 
 
-@pytest.mark.slow  # long: `make test-slow` (keeps the default run under 10 min on 2 cores)
 def test_nothing_fits_is_one_line():
     result = CliRunner().invoke(main, ["plan", "--gpu", "1GiB", "--ram", "2GiB"])
     assert result.exit_code == 2

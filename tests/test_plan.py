@@ -59,7 +59,6 @@ def test_four_24gib_gpus():
         .placement.transfer_bytes_per_token(sizes)
 
 
-@pytest.mark.slow  # long: `make test-slow` (keeps the default run under 10 min on 2 cores)
 def test_says_clearly_when_it_cannot_fit():
     report = plan("bf16", 24 * GiB, 1, 64 * GiB)
     assert report.placement is None and "CPU memory" in report.problem

@@ -64,6 +64,7 @@ class GGUFWriter:
         self._file = None
         self._next = 0  # index of the tensor being written
         self._written = 0  # bytes of it written so far
+        self._data_bytes = 0  # the data section so far: the next tensor's offset (Grok 2 has 1,300 tensors)
 
     # ---- metadata ----------------------------------------------------------------------------
     def add(self, key: str, value, vtype: int, elem_type: int | None = None) -> None:
@@ -83,8 +84,8 @@ class GGUFWriter:
         if len(name.encode()) >= 64:
             raise ValueError(f"tensor name too long for ggml: {name}")
         info = TensorInfo(name, tuple(shape), ggml_type)
-        info.nbytes  # validates the row length against the block size
-        info.offset = sum(_align(t.nbytes) for t in self.tensors)
+        info.offset = self._data_bytes
+        self._data_bytes += _align(info.nbytes)  # nbytes validates the row length against the block size
         self.tensors.append(info)
 
     # ---- writing -------------------------------------------------------------------------------
