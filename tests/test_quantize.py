@@ -69,6 +69,26 @@ def test_interrupted_run_resumes_to_identical_bytes(artifact, tiny_tp8, tokens, 
         quantize(tiny_tp8, out, GPTQRecipe(), tokens)
 
 
+def test_damaged_progress_is_one_line_and_keeps_the_work(tiny_tp8, tokens, tmp_path):
+    """A progress.json that is not ours (truncated, garbage) is refused with what to delete; the written
+    layers stay. Ours is replaced atomically, so a kill mid-write cannot produce one."""
+    out = tmp_path / "x"
+    with pytest.raises(KeyboardInterrupt):
+        quantize(tiny_tp8, out, GPTQRecipe(), tokens, on_layer=lambda l: (_ for _ in ()).throw(KeyboardInterrupt))
+    state = tmp_path / ".x.partial" / "progress.json"
+    good = state.read_text()
+    assert not list(state.parent.glob("progress.tmp"))
+    for bad in (good[: len(good) // 2].encode(), b"[1, 2]", b"\xff\xfe"):
+        state.write_bytes(bad)
+        with pytest.raises(GrokquantError, match="damaged.*delete") as err:
+            quantize(tiny_tp8, out, GPTQRecipe(), tokens)
+        assert "\n" not in str(err.value) and (state.parent / "model-00001-of-00003.safetensors").exists()
+    state.write_text(good)
+    done = []
+    quantize(tiny_tp8, out, GPTQRecipe(), tokens, on_layer=done.append)
+    assert done == [1]  # the restored record resumes
+
+
 def test_changed_options_restart_from_scratch(tiny_tp8, tokens, tmp_path):
     out = tmp_path / "x"
     with pytest.raises(KeyboardInterrupt):

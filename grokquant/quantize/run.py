@@ -138,6 +138,20 @@ def check_recipe(recipe: Recipe) -> None:
 
 
 @torch.no_grad()
+def _read_state(state_file: Path, work: Path) -> dict | None:
+    """The saved progress of an interrupted run, or None; a damaged file (written by something else: ours
+    are replaced atomically) is refused in one line rather than silently discarding the work."""
+    if not state_file.exists():
+        return None
+    try:
+        state = json.loads(state_file.read_text())
+        if not isinstance(state, dict) or not isinstance(state.get("done"), int):
+            raise ValueError("not a progress record")
+        return state
+    except (ValueError, UnicodeDecodeError) as e:
+        raise GrokquantError(f"{state_file} is damaged ({e}): delete {work} to start over") from None
+
+
 def quantize(checkpoint: str | Path, out: str | Path, recipe: Recipe, tokens: torch.Tensor, force: bool = False,
              batch_size: int = 8, device: str = "cpu", rope: str = "plain", expert_batch: int | None = None,
              on_layer: Callable[[int], None] | None = None, on_probe: Callable[[int, int], None] | None = None
@@ -164,13 +178,13 @@ def quantize(checkpoint: str | Path, out: str | Path, recipe: Recipe, tokens: to
     state, hidden = None, None
     if group.is_main:
         fp = fingerprint(ckpt, recipe, tokens, expert_batch)
-        state = json.loads(state_file.read_text()) if state_file.exists() else None
+        state = _read_state(state_file, work)
         if state is None or state.get("fingerprint") != fp:
             shutil.rmtree(work, ignore_errors=True)
             work.mkdir(parents=True)
             state = {"fingerprint": fp, "done": 0, "report": []}
         if state["done"]:
-            hidden = torch.load(work / "hidden.pt")
+            hidden = torch.load(work / "hidden.pt", weights_only=True)  # a tensor: nothing to unpickle
     state = group.broadcast(state)
     allocation = None
     if gguf and recipe.target_bpw is not None and not recipe.tensor_types:
@@ -203,7 +217,8 @@ def quantize(checkpoint: str | Path, out: str | Path, recipe: Recipe, tokens: to
             torch.save(hidden, work / "hidden.tmp")
             os.replace(work / "hidden.tmp", work / "hidden.pt")
             state["report"] += written.report
-            state_file.write_text(json.dumps(state))
+            (work / "progress.tmp").write_text(json.dumps(state))
+            os.replace(work / "progress.tmp", state_file)  # a kill mid-write leaves the previous state
         del written
         if on_layer:
             on_layer(layer)
