@@ -13,20 +13,42 @@ import click
 from grokquant.errors import GrokquantError
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that it unwinds like Ctrl-C."""
+
+
+_command_running = False
+
+
+def _terminate(*_) -> None:
+    # Only while the command runs: raised later, during interpreter shutdown (atexit callbacks, thread joins),
+    # it could abort the process; by then there is nothing left to clean up and the process is exiting anyway.
+    if _command_running:
+        raise Terminated
+
+
 class Group(click.Group):
     """Turns user-input errors into one line on stderr and exit code 2."""
 
     def invoke(self, ctx):
+        global _command_running
         # SIGTERM unwinds like Ctrl-C, so temporary outputs are removed on the way out
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+        signal.signal(signal.SIGTERM, _terminate)
         try:
-            return super().invoke(ctx)
+            try:
+                _command_running = True
+                return super().invoke(ctx)
+            finally:
+                _command_running = False
         except GrokquantError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
+        except Terminated:
+            click.echo("terminated", err=True)
+            sys.exit(143)
 
 
 @click.group(cls=Group)
