@@ -178,15 +178,21 @@ def calibrate(checkpoint, output, tokens: torch.Tensor, imatrix_out=None, hessia
     """Collect statistics for every layer, write `output` (and the GGUF imatrix); returns tokens per
     expert per layer. `output` is for inspection and other tools (`load_stats`); the imatrix feeds
     `convert --imatrix` or llama-quantize. `quantize` collects its own statistics with `Collector`.
-    Each file is written under a temporary name and renamed when complete."""
+    Both files are written under temporary names and renamed when both are complete."""
+    from contextlib import nullcontext
     from pathlib import Path
 
     from grokquant.errors import GrokquantError
     from grokquant.calibrate.imatrix import save_imatrix
+    from grokquant.io.paths import check_output, replacing
 
     for p in (output, imatrix_out):
-        if p and Path(p).exists() and not force:
-            raise GrokquantError(f"{p} exists (use --force to overwrite)")
+        if p:
+            check_output(p, [checkpoint], directory=False, force=force)
+    if imatrix_out and Path(imatrix_out).resolve() == Path(output).resolve():
+        raise GrokquantError(f"--imatrix {imatrix_out} is the statistics output: name another file")
+    if batch_size < 1:
+        raise GrokquantError(f"batch size {batch_size}: at least 1")
     ckpt = Checkpoint.open(checkpoint)
     n_experts = ckpt.config.num_local_experts
     all_stats, sums, counts = [], {}, {}
@@ -196,22 +202,9 @@ def calibrate(checkpoint, output, tokens: torch.Tensor, imatrix_out=None, hessia
         all_stats.append(stats)
     meta = {"checkpoint": str(checkpoint), "data": dataset, "tokens": int(tokens.numel()),
             "seq_len": int(tokens.shape[1]), **(metadata or {})}
-    _write_atomically(output, lambda tmp: save_stats(tmp, all_stats, meta))
-    if imatrix_out:
-        _write_atomically(imatrix_out, lambda tmp: save_imatrix(tmp, sums, counts, [dataset], tokens.shape[0],
-                                                                tokens.shape[1]))
+    with replacing(output) as tmp, (replacing(imatrix_out) if imatrix_out else nullcontext()) as imatrix_tmp:
+        save_stats(tmp, all_stats, meta)
+        if imatrix_out:
+            save_imatrix(imatrix_tmp, sums, counts, [dataset], tokens.shape[0], tokens.shape[1])
     return [s.expert_tokens(n_experts) for s in all_stats]
 
-
-def _write_atomically(path, write) -> None:
-    """write(tmp) then rename onto `path`: no partial file under `path` on failure."""
-    import os
-    from pathlib import Path
-
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

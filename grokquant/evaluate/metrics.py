@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -25,6 +24,7 @@ import torch
 from grokquant.errors import GrokquantError
 from grokquant.evaluate.engines import Artifact, scored_logits
 from grokquant.evaluate.windows import Windows
+from grokquant.io.paths import replacing
 
 DEFAULT_TOP_K = 256  # 2 KB per scored token and semantics
 
@@ -182,12 +182,8 @@ class Baseline:
                             f"{sem}/rest_logp": b.rest_logp, f"{sem}/target_logp": b.target_logp})
         meta = {"stride": self.windows.stride, "n_score": self.windows.n_score, "top_k": self.top_k,
                 "label": self.label, "semantics": list(self.logits)}
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
+        with replacing(path) as tmp:
             save_file(tensors, str(tmp), metadata={"grokquant_baseline": json.dumps(meta)})
-            tmp.rename(path)
-        finally:
-            tmp.unlink(missing_ok=True)
         return path
 
     @classmethod

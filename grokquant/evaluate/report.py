@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 
 import numpy as np
 
 from grokquant.errors import GrokquantError
+from grokquant.io.paths import replacing
 
 
 def render(results: list[dict], baseline_label: str | None = None) -> str:
@@ -67,11 +67,9 @@ def plot(results: list[dict], path: str | Path) -> Path:
         ax2.legend(fontsize=7)
     fig.tight_layout()
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
     try:
-        fig.savefig(tmp, dpi=120)
-        tmp.rename(path)
+        with replacing(path) as tmp:
+            fig.savefig(tmp, dpi=120, format=path.suffix[1:] or "png")  # the temporary's name has no suffix
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
     return path

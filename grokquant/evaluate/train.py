@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from grokquant.evaluate.windows import document_tokens
 from grokquant.grok.model import Grok2ForCausalLM, rope_cos_sin, softcap
 from grokquant.grok.synth import PRESETS, SPECIALS, TOKENIZER_TEXT_CHARS, slices_of, synth_config, write_checkpoint
 from grokquant.grok.tokenizer import tokenizer_from_dict, train_bpe
+from grokquant.io.paths import replacing
 
 # The committed fixture: 2 layers, hidden 256, dense MLP and every expert 256 wide (the narrowest that
 # keeps K-quant rows whole), vocabulary 512. ~4.2M parameters, 8.4 MB in bf16.
@@ -267,8 +267,6 @@ def train(out: str | Path, text: str | Path = "builtin", tc: TrainConfig | None 
                          seconds=round(time.perf_counter() - start, 1))
     state = {n: p.detach().bfloat16() for n, p in model.state_dict().items()}
     write_checkpoint(out, cfg, slices_of(state.__getitem__), tokenizer_json=tok_json, layout=layout, force=force)
-    record = out / RECORD_FILE
-    tmp = record.with_name(f".{RECORD_FILE}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(asdict(result), indent=1) + "\n")
-    tmp.rename(record)
+    with replacing(out / RECORD_FILE) as tmp:
+        tmp.write_text(json.dumps(asdict(result), indent=1) + "\n")
     return result

@@ -21,7 +21,7 @@ from grokquant.grok.checkpoint import Checkpoint
 from grokquant.grok.config import GrokConfig
 from grokquant.errors import GrokquantError
 from grokquant.gguf.file import GGUFWriter, read_gguf
-from grokquant.io.paths import check_output
+from grokquant.io.paths import check_output, temporary_for
 from grokquant.io.pipeline import WriteBehind, read_ahead
 from grokquant.grok.names import gguf_tensors, release_names
 from grokquant.quant.ggml.base import QUANTIZERS, quantize
@@ -266,7 +266,7 @@ def convert(checkpoint: str | Path, out: str | Path, recipe: GGUFRecipe, rope: s
     _claim(paths, notice)
     if on_plan:
         on_plan(tensors)
-    tmps = [p.with_name(f".{p.name}.tmp-{os.getpid()}") for p in paths]
+    tmps = [temporary_for(p) for p in paths]
     try:
         for i, (shard, tmp) in enumerate(zip(shards, tmps)):
             w = GGUFWriter(tmp)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import mmap
+import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from grokquant.quant.ggml.types import BY_ID, GGMLType
 MAGIC = b"GGUF"
 VERSION = 3
 ALIGNMENT = 32
+MAX_DIMS = 4  # GGML_MAX_DIMS (ggml.h)
 
 # GGUF value types
 U8, I8, U16, I16, U32, I32, F32, BOOL, STRING, ARRAY, U64, I64, F64 = range(13)
@@ -189,8 +191,18 @@ class GGUFFile:
 
 
 class _Cursor:
+    """Reads the header of an untrusted file: every count is checked against the bytes left before anything
+    is allocated for it, so a corrupt length is an error, not a MemoryError or an hour-long loop."""
+
     def __init__(self, f, path):
         self.f, self.path = f, path
+        self.size = os.fstat(f.fileno()).st_size
+
+    def need(self, count: int, item_bytes: int, what: str) -> None:
+        """`count` items of at least `item_bytes` each must fit in the rest of the file."""
+        if count * item_bytes > self.size - self.f.tell():
+            raise GrokquantError(f"{self.path}: corrupt GGUF header ({what}: {count} does not fit in the "
+                                 f"{self.size}-byte file)")
 
     def take(self, fmt: str):
         size = struct.calcsize(fmt)
@@ -201,12 +213,8 @@ class _Cursor:
 
     def string(self) -> str:
         (n,) = self.take("<Q")
-        if n > 1 << 30:
-            raise GrokquantError(f"{self.path}: corrupt GGUF header (string of {n} bytes)")
-        raw = self.f.read(n)
-        if len(raw) != n:
-            raise GrokquantError(f"{self.path}: truncated GGUF header")
-        return raw.decode("utf-8", errors="replace")
+        self.need(n, 1, "string length")
+        return self.f.read(n).decode("utf-8", errors="replace")
 
     def value(self, vtype: int):
         if vtype == STRING:
@@ -214,10 +222,12 @@ class _Cursor:
         if vtype == ARRAY:
             elem, count = self.take("<IQ")
             if elem == STRING:
+                self.need(count, 8, "array length")
                 return [self.string() for _ in range(count)]
             if elem not in _SCALAR:
                 raise GrokquantError(f"{self.path}: unsupported GGUF array type {elem}")
             dt = np.dtype(_SCALAR[elem])
+            self.need(count, dt.itemsize, "array length")
             raw = self.f.read(dt.itemsize * count)
             return np.frombuffer(raw, dtype=dt).tolist()
         if vtype not in _SCALAR:
@@ -238,20 +248,34 @@ def read_gguf(path: str | Path) -> GGUFFile:
         version, n_tensors, n_kv = cur.take("<IQQ")
         if version != VERSION:
             raise GrokquantError(f"{path}: GGUF version {version}, expected {VERSION}")
+        cur.need(n_kv, 8 + 4 + 1, "key count")  # the smallest entry: an empty key, its type, one byte
         metadata = {}
         for _ in range(n_kv):
             key = cur.string()
             (vtype,) = cur.take("<I")
+            if key in metadata:
+                raise GrokquantError(f"{path}: corrupt GGUF header (key {key} twice)")
             metadata[key] = cur.value(vtype)
+        cur.need(n_tensors, 8 + 4 + 8 + 4 + 8, "tensor count")  # name length, n_dims, one dim, type, offset
         tensors = {}
         for _ in range(n_tensors):
             name = cur.string()
             (n_dims,) = cur.take("<I")
+            if not 1 <= n_dims <= MAX_DIMS:
+                raise GrokquantError(f"{path}: tensor {name} has {n_dims} dimensions (GGML allows 1 to {MAX_DIMS})")
             ne = cur.take(f"<{n_dims}Q")
             type_id, offset = cur.take("<IQ")
             if type_id not in BY_ID:
                 raise GrokquantError(f"{path}: tensor {name} has unsupported ggml type {type_id}")
-            tensors[name] = TensorInfo(name, tuple(reversed(ne)), BY_ID[type_id], offset)
-        alignment = int(metadata.get("general.alignment", ALIGNMENT))
+            if name in tensors:
+                raise GrokquantError(f"{path}: corrupt GGUF header (tensor {name} twice)")
+            ggml = BY_ID[type_id]
+            if ne[0] % ggml.block or math.prod(ne) // ggml.block * ggml.block_bytes > cur.size:
+                raise GrokquantError(f"{path}: tensor {name} of shape {list(reversed(ne))} cannot be {ggml.name} "
+                                     f"data in a {cur.size}-byte file")
+            tensors[name] = TensorInfo(name, tuple(reversed(ne)), ggml, offset)
+        alignment = metadata.get("general.alignment", ALIGNMENT)
+        if not isinstance(alignment, int) or alignment < 1 or alignment & (alignment - 1):
+            raise GrokquantError(f"{path}: general.alignment {alignment!r} is not a power of two")
         data_start = _align(f.tell(), alignment)
     return GGUFFile(path, version, metadata, tensors, data_start, alignment)

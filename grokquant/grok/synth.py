@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
@@ -19,6 +17,7 @@ import torch
 
 from grokquant.grok.config import EXPERT_MERGE_DIM, TP_RANKS, GrokConfig, parse_expert_name
 from grokquant.errors import GrokquantError
+from grokquant.io.paths import replacing
 from grokquant.io.safetensors_file import write_safetensors
 
 # File number of each tensor kind in the release (the `pytorch_model-NNNNN-TP-*.safetensors` files of xai-org/grok-2).
@@ -130,10 +129,8 @@ def write_checkpoint(out: str | Path, cfg: GrokConfig, tensors: Callable[[str, i
     out = Path(out)
     if out.exists() and not force:
         raise GrokquantError(f"{out} exists (use --force to replace it)")
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with replacing(out) as tmp:
+        tmp.mkdir(parents=True)
         shapes = cfg.all_shapes()
         groups: dict[str, list[tuple[str, int | None]]] = {}
         if layout == "tp8":
@@ -166,12 +163,6 @@ def write_checkpoint(out: str | Path, cfg: GrokConfig, tensors: Callable[[str, i
             (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
         (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         (tmp / "tokenizer.tok.json").write_text(tokenizer_json or _tokenizer_json(cfg.vocab_size))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -1,10 +1,18 @@
-"""Checks on an output path made before any work: never overwrite or delete what a job reads."""
+"""Output paths: checks made before any work (never overwrite or delete what a job reads), outputs that
+appear whole or not at all, one writer per output, and a full disk reported as such."""
 
 from __future__ import annotations
 
+import errno
+import os
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from grokquant.errors import GrokquantError
+
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def check_output(out: str | Path, inputs: list[str | Path], directory: bool, force: bool) -> Path:
@@ -25,3 +33,75 @@ def check_output(out: str | Path, inputs: list[str | Path], directory: bool, for
             raise GrokquantError(f"{out} exists and is a {'folder' if out.is_dir() else 'file'}; "
                                  f"this writes a {'folder' if directory else 'file'} there: remove it first")
     return out
+
+
+def temporary_for(path: Path) -> Path:
+    """`.NAME.tmp-PID` beside `path`: hidden, and naming the process that writes it (convert finds the
+    temporaries of dead runs by the PID)."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def remove(path: Path) -> None:
+    """Remove a file or a folder, if it exists."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+@contextmanager
+def replacing(path: str | Path) -> Iterator[Path]:
+    """Yields a temporary path to write; on success it is renamed onto `path` (a file, or a folder that
+    replaces an existing one), on any failure it is removed: `path` is the old output or the whole new one."""
+    path = Path(path)
+    tmp = temporary_for(path)
+    remove(tmp)
+    try:
+        yield tmp
+        if tmp.is_dir() and path.exists():
+            remove(path)
+        os.replace(tmp, path)
+    finally:
+        remove(tmp)
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """A write failed because the disk (or quota, or file-size limit) is full; also when the error comes
+    from safetensors' Rust writer, which reports the OS error only in its message."""
+    if isinstance(exc, OSError):
+        return exc.errno in _FULL
+    text = str(exc)
+    return any(f"os error {code})" in text for code in _FULL)
+
+
+@contextmanager
+def exclusive(lock_file: Path, what: str) -> Iterator[None]:
+    """Holds an advisory lock on `lock_file` (created if missing, removed on the way out): a second job on
+    the same output is refused at once instead of sharing its files. The kernel drops the lock when the
+    holder dies (kill -9, power loss), so a resumed run is never locked out by a stale file."""
+    import fcntl
+
+    while True:
+        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise GrokquantError(f"another run (pid {holder}) is writing {what}: wait for it, or stop it") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock_file).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # locked a file its holder had just removed on its way out: lock the new one
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        try:
+            yield
+        finally:
+            lock_file.unlink(missing_ok=True)  # before unlocking, so a waiting run locks a fresh file
+    finally:
+        os.close(fd)

@@ -23,7 +23,8 @@ from pathlib import Path
 import yaml
 
 from grokquant.errors import GrokquantError
-from grokquant.grok.names import gguf_bases
+from grokquant.grok.config import GrokConfig
+from grokquant.grok.names import gguf_bases, tensor_class
 from grokquant.quant.ggml.types import TYPES
 from grokquant.quant.gptq import IntQuantConfig
 from grokquant.quant.ggml.mixes import FTYPES
@@ -146,14 +147,53 @@ class GPTQRecipe:
     def config_for(self, tensor_class: str) -> IntQuantConfig | None:
         return getattr(self, tensor_class)
 
+    def check_widths(self, cfg: GrokConfig) -> None:
+        """Groups must tile each linear's input exactly: the GPTQ format stores whole groups, and a group
+        straddling the end of a row would be read by kernels from the next row."""
+        for name, shape in cfg.layer_shapes(0).items():
+            c = self.config_for(tensor_class(name)) if tensor_class(name) in ("experts", "attention", "dense_mlp") \
+                else None
+            if c is not None and c.group_size != -1 and shape[1] % c.group_size:
+                raise GrokquantError(f"recipe {self.name}: {tensor_class(name)} group_size {c.group_size} does not "
+                                     f"divide the input width {shape[1]} of {name.split('.', 3)[-1]} "
+                                     f"(use -1 or a divisor such as 128)")
+
+
+def _typed(path: Path, key: str, value, kind: type):
+    """`value` as a `kind` (bool, int, float or str), refusing what YAML gave as another type: "128" is not
+    a group size, and "maybe" is not a boolean."""
+    if isinstance(value, bool) != (kind is bool) or not isinstance(value, (int, float) if kind is float else kind):
+        raise GrokquantError(f"{path}: {key} must be {_KIND_WORDS[kind]}, got {value!r}")
+    return float(value) if kind is float else value
+
+
+_KIND_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _fields(path: Path, raw: dict, types: dict[str, type], prefix: str = "") -> dict:
+    """The keys of `raw` named in `types`, each checked; a null value leaves the field at its default."""
+    return {k: _typed(path, prefix + k, v, types[k]) for k, v in raw.items() if k in types and v is not None}
+
+
+INT_CONFIG_TYPES = {"bits": int, "group_size": int, "sym": bool, "act_order": bool, "static_groups": bool,
+                    "damp": float, "block_size": int}
+CALIBRATION_TYPES = {"min_tokens": int, "under_covered": str, "sequential": bool}
+
 
 def _int_config(path: Path, cls: str, raw) -> IntQuantConfig | None:
     if raw is None:
         return None
-    known = set(IntQuantConfig.__dataclass_fields__)
-    if not isinstance(raw, dict) or set(raw) - known:
-        raise GrokquantError(f"{path}: {cls} takes {', '.join(sorted(known))}")
-    return IntQuantConfig(**raw)
+    if not isinstance(raw, dict) or set(raw) - set(INT_CONFIG_TYPES):
+        raise GrokquantError(f"{path}: {cls} takes {', '.join(sorted(INT_CONFIG_TYPES))}")
+    config = IntQuantConfig(**_fields(path, raw, INT_CONFIG_TYPES, f"{cls}."))
+    if config.group_size != -1 and config.group_size < 1:
+        raise GrokquantError(f"{path}: {cls}.group_size must be -1 (one group per row) or positive, got "
+                             f"{config.group_size}")
+    if not 0 <= config.damp < 1:
+        raise GrokquantError(f"{path}: {cls}.damp must be in [0, 1), got {config.damp}")
+    if config.block_size < 1:
+        raise GrokquantError(f"{path}: {cls}.block_size must be positive, got {config.block_size}")
+    return config
 
 
 def with_target_bpw(recipe: "GGUFRecipe | GPTQRecipe", target_bpw: float) -> GGUFRecipe:
@@ -182,10 +222,9 @@ def load_recipe(spec: str | Path) -> "GGUFRecipe | GPTQRecipe":
             - CALIBRATION_KEYS
         if unknown:
             raise GrokquantError(f"{path}: unknown recipe key(s) {', '.join(sorted(unknown))}")
-        return GPTQRecipe(name=raw.get("name", path.stem), method=raw.get("method", "gptq"),
-                          **{c: _int_config(path, c, raw.get(c)) for c in ("experts", "attention", "dense_mlp")},
-                          min_tokens=int(raw.get("min_tokens", 16)), sequential=bool(raw.get("sequential", False)),
-                          under_covered=str(raw.get("under_covered", "rtn")))
+        return GPTQRecipe(**{"name": path.stem} | _fields(path, raw, {"name": str, "method": str} | CALIBRATION_TYPES),
+                          **{c: _int_config(path, c, raw[c]) for c in ("experts", "attention", "dense_mlp")
+                             if c in raw})
     if fmt != "gguf":
         raise GrokquantError(f"{path}: unknown format {fmt!r} (gguf or gptq)")
     unknown = set(raw) - {"name", "format", "ftype", "overrides", "pure", "method", "damp", "description",
@@ -194,9 +233,9 @@ def load_recipe(spec: str | Path) -> "GGUFRecipe | GPTQRecipe":
         raise GrokquantError(f"{path}: unknown recipe key(s) {', '.join(sorted(unknown))}")
     if "ftype" not in raw:
         raise GrokquantError(f"{path}: missing key ftype")
-    return GGUFRecipe(name=raw.get("name", path.stem), ftype=str(raw["ftype"]).lower(),
-                      overrides=raw.get("overrides") or {}, pure=bool(raw.get("pure", False)),
-                      method=str(raw.get("method", "reference")), damp=float(raw.get("damp", 0.01)),
-                      min_tokens=int(raw.get("min_tokens", 16)), sequential=bool(raw.get("sequential", False)),
-                      under_covered=str(raw.get("under_covered", "rtn")), target_bpw=raw.get("target_bpw"),
-                      refits=raw.get("refits", 0))
+    overrides = raw.get("overrides") or {}
+    if not isinstance(overrides, dict):
+        raise GrokquantError(f"{path}: overrides is a mapping of tensor class to GGML type")
+    fields = _fields(path, raw, {"name": str, "pure": bool, "method": str, "damp": float, "target_bpw": float,
+                                 "refits": int} | CALIBRATION_TYPES)
+    return GGUFRecipe(**{"name": path.stem} | fields, ftype=str(raw["ftype"]).lower(), overrides=overrides)

@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import shutil
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable
@@ -35,8 +36,9 @@ from safetensors.torch import save_file
 from grokquant.quantize import distributed
 from grokquant.calibrate.statistics import Collector, LayerStats
 from grokquant.grok.checkpoint import Checkpoint
+from grokquant.grok.config import GrokConfig
 from grokquant.errors import GrokquantError
-from grokquant.io.paths import check_output
+from grokquant.io.paths import check_output, exclusive, is_disk_full, remove
 from grokquant.grok.model import Grok2ForCausalLM
 from grokquant.grok.names import expert_groups, gguf_tensors
 from grokquant.grok.streaming import LayerStreamer
@@ -117,11 +119,7 @@ def _allocation(ckpt: Checkpoint, recipe: GGUFRecipe, tokens: torch.Tensor, work
     free = allocate.allocatable(ckpt, fixed)
     shapes = dict(gguf_tensors(ckpt.config))
     budget = allocate.budget_bytes(shapes, recipe.target_bpw, planned, {g for g, _ in free})
-    try:
-        allocate.check_budget(dict(free), budget)
-    except GrokquantError:
-        shutil.rmtree(work)  # nothing was done: no half-started run to resume
-        raise
+    allocate.check_budget(dict(free), budget)
     progress = (lambda done: on_probe(done, len(free))) if on_probe else None
     sens = allocate.measure(ckpt, tokens, fixed, batch_size, progress)
     report = allocate.allocation_report(sens, allocate.allocate(sens, shapes, budget))
@@ -131,10 +129,13 @@ def _allocation(ckpt: Checkpoint, recipe: GGUFRecipe, tokens: torch.Tensor, work
     return report
 
 
-def check_recipe(recipe: Recipe) -> None:
-    """Refuse a recipe that `quantize` does not run (callers may check before preparing calibration data)."""
+def check_recipe(recipe: Recipe, cfg: GrokConfig | None = None) -> None:
+    """Refuse a recipe that `quantize` does not run on the model of `cfg` (callers may check before
+    preparing calibration data)."""
     if isinstance(recipe, GGUFRecipe) and not recipe.calibrated:
         raise GrokquantError(f"recipe {recipe.name} is not calibrated (method reference): use `grokquant convert`")
+    if isinstance(recipe, GPTQRecipe) and cfg is not None:
+        recipe.check_widths(cfg)
 
 
 @torch.no_grad()
@@ -165,15 +166,51 @@ def quantize(checkpoint: str | Path, out: str | Path, recipe: Recipe, tokens: to
     """
     group = distributed.current()
     out = check_output(out, [checkpoint], directory=not isinstance(recipe, GGUFRecipe), force=force)
-    check_recipe(recipe)
     ckpt = Checkpoint.open(checkpoint)
+    check_recipe(recipe, ckpt.config)
+    expert_batch = ckpt.config.num_local_experts if expert_batch is None else expert_batch
+    if not 1 <= expert_batch <= ckpt.config.num_local_experts:
+        raise GrokquantError(f"expert batch {expert_batch}: between 1 and {ckpt.config.num_local_experts}")
+    if batch_size < 1:
+        raise GrokquantError(f"batch size {batch_size}: at least 1")
+    work = out.with_name(f".{out.name}.partial")
+    # one run per output (rank 0 alone touches the files); the lock goes with the process, kill -9 included
+    with exclusive(out.with_name(f".{out.name}.lock"), str(out)) if group.is_main else nullcontext():
+        try:
+            _quantize(ckpt, checkpoint, out, work, recipe, tokens, group, batch_size, device, rope, expert_batch,
+                      on_layer, on_probe)
+        except BaseException as exc:
+            if group.is_main:
+                _after_failure(exc, out, work, ckpt.config.num_hidden_layers)
+            raise
+    group.barrier()  # every rank returns once the output is in place
+    return out
+
+
+def _after_failure(exc: BaseException, out: Path, work: Path, n_layers: int) -> None:
+    """A failed or interrupted run keeps `work` only if it holds something to resume (finished layers, the
+    measured allocation); a full disk is said in one line, with what was kept."""
+    try:
+        done = json.loads((work / "progress.json").read_text())["done"]
+    except FileNotFoundError:
+        done = 0
+    except (OSError, ValueError, KeyError, TypeError):  # damaged: the error said what to do with it
+        return
+    kept = done > 0 or (work / "allocation.json").exists()
+    if not kept:
+        remove(work)
+    if is_disk_full(exc):
+        raise GrokquantError(f"no space left on device writing {out}: " + (
+            f"{done} of {n_layers} layers are kept in {work}; free space and run the same command to resume"
+            if kept else "nothing was kept")) from None
+
+
+def _quantize(ckpt: Checkpoint, checkpoint, out: Path, work: Path, recipe: Recipe, tokens: torch.Tensor,
+              group: distributed.Group, batch_size: int, device: str, rope: str, expert_batch: int,
+              on_layer: Callable[[int], None] | None, on_probe: Callable[[int, int], None] | None) -> None:
     cfg = ckpt.config
-    expert_batch = expert_batch or cfg.num_local_experts
-    if not 1 <= expert_batch <= cfg.num_local_experts:
-        raise GrokquantError(f"expert batch {expert_batch}: between 1 and {cfg.num_local_experts}")
     gguf = isinstance(recipe, GGUFRecipe)
     hessians = not gguf or recipe.method == "gptq"
-    work = out.with_name(f".{out.name}.partial")
     state_file = work / "progress.json"
     state, hidden = None, None
     if group.is_main:
@@ -213,7 +250,11 @@ def quantize(checkpoint: str | Path, out: str | Path, recipe: Recipe, tokens: to
                 for name in cfg.layer_shapes(layer):
                     if name not in written.dequantized:  # norms, router and anything not packable stay bf16
                         tensors[name] = ckpt.tensor(name)
-            save_file(tensors, str(work / parts[layer]), metadata={"format": "pt"})
+            try:
+                save_file(tensors, str(work / parts[layer]), metadata={"format": "pt"})
+            except BaseException:
+                (work / parts[layer]).unlink(missing_ok=True)  # the space it took, e.g. on a full disk
+                raise
             torch.save(hidden, work / "hidden.tmp")
             os.replace(work / "hidden.tmp", work / "hidden.pt")
             state["report"] += written.report
@@ -229,8 +270,6 @@ def quantize(checkpoint: str | Path, out: str | Path, recipe: Recipe, tokens: to
             _assemble_gguf(ckpt, checkpoint, work, parts[:n_layers], out, recipe, rope, report, allocation)
         else:
             _finish_gptq(ckpt, work, parts, out, recipe, report)
-    group.barrier()  # every rank returns once the output is in place
-    return out
 
 
 @dataclass
