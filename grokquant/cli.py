@@ -11,6 +11,10 @@ import time
 import click
 
 from grokquant.errors import GrokquantError
+from grokquant.io.paths import is_disk_full
+
+
+POSITIVE = click.IntRange(min=1)
 
 
 class Terminated(BaseException):
@@ -42,6 +46,14 @@ class Group(click.Group):
                 _command_running = False
         except GrokquantError as exc:
             click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+        except click.UsageError as exc:  # a bad option value: one line too, not usage + hint + error
+            click.echo(f"error: {exc.format_message()}", err=True)
+            sys.exit(2)
+        except Exception as exc:  # the writers name their output (io.paths.full_disk_is_an_error); a fallback
+            if not is_disk_full(exc):
+                raise
+            click.echo(f"error: no space left on device ({exc})", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
@@ -186,15 +198,16 @@ def convert(checkpoint, output, ftype, recipe, rope, imatrix, split_max_size, na
               help="Statistics file (.safetensors): per layer and input group, Σx², token counts[, Hessians].")
 @click.option("--data", default="builtin", show_default=True,
               help="A text file, a folder of text files, JSON Lines (text or prompt/response), or builtin.")
-@click.option("--tokens", "n_tokens", default=8192, show_default=True, help="Calibration tokens in total.")
-@click.option("--seq-len", default=512, show_default=True, help="Tokens per window.")
+@click.option("--tokens", "n_tokens", default=8192, show_default=True, type=POSITIVE, help="Calibration tokens in total.")
+@click.option("--seq-len", default=512, show_default=True, type=POSITIVE, help="Tokens per window.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--chat", is_flag=True, help="Render prompt/response pairs in Grok 2's chat format.")
 @click.option("--imatrix", "imatrix_out", type=click.Path(dir_okay=False),
               help="Also write llama.cpp's GGUF imatrix (for llama-quantize --imatrix or convert --imatrix).")
 @click.option("--hessians", is_flag=True, help="Also store full Hessians Σxxᵀ (small models only).")
-@click.option("--min-tokens", default=64, show_default=True, help="Flag experts that see fewer tokens.")
-@click.option("--batch-size", default=8, show_default=True, help="Sequences pushed through a layer at once.")
+@click.option("--min-tokens", default=64, show_default=True, type=click.IntRange(min=0), help="Flag experts that see fewer tokens.")
+@click.option("--batch-size", default=8, show_default=True, type=POSITIVE,
+              help="Sequences pushed through a layer at once.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--force", is_flag=True, help="Overwrite existing outputs.")
 def calibrate(checkpoint, output, data, n_tokens, seq_len, seed, chat, imatrix_out, hessians, min_tokens,
@@ -203,9 +216,11 @@ def calibrate(checkpoint, output, data, n_tokens, seq_len, seed, chat, imatrix_o
     from tqdm import tqdm
 
     from grokquant.data.documents import calibration_tokens
-    from grokquant.calibrate.statistics import calibrate as run_calibrate, coverage_problems, render_coverage
+    from grokquant.calibrate.statistics import (calibrate as run_calibrate, check_request, coverage_problems,
+                                                render_coverage)
     from grokquant.runtime.load import open_source, resolve_device
 
+    check_request(checkpoint, output, imatrix_out, force, batch_size)  # before the text is tokenized
     with open_source(checkpoint) as source:  # for its tokenizer, and the layer count the progress bar shows
         tokens = calibration_tokens(source.tokenizer(), data, n_tokens, seq_len, seed, chat)
         n_layers = source.config.num_hidden_layers
@@ -229,14 +244,15 @@ def calibrate(checkpoint, output, data, n_tokens, seq_len, seed, chat, imatrix_o
 @click.option("--recipe", default="gptq-w4g128", show_default=True,
               help="Recipe name under recipes/ or a YAML path: format gptq, or gguf with method imatrix/gptq.")
 @click.option("--data", default="builtin", show_default=True, help="Calibration text (see `calibrate`).")
-@click.option("--tokens", "n_tokens", default=8192, show_default=True)
-@click.option("--seq-len", default=512, show_default=True)
+@click.option("--tokens", "n_tokens", default=8192, show_default=True, type=POSITIVE)
+@click.option("--seq-len", default=512, show_default=True, type=POSITIVE)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--chat", is_flag=True)
 @click.option("--device", default="auto", show_default=True,
               help="cpu, cuda, cuda:N or auto (a GPU when there is one): where layers, Hessians and GPTQ run.")
-@click.option("--batch-size", default=8, show_default=True, help="Sequences pushed through a layer at once.")
-@click.option("--expert-batch", type=int, help="Experts loaded and quantized together [default: all]; "
+@click.option("--batch-size", default=8, show_default=True, type=POSITIVE,
+              help="Sequences pushed through a layer at once.")
+@click.option("--expert-batch", type=POSITIVE, help="Experts loaded and quantized together [default: all]; "
               "1 holds one expert at a time (real Grok 2 widths on a 24 GB machine).")
 @click.option("--rope", default="plain", show_default=True, type=click.Choice(["plain", "yarn"]),
               help="GGUF output only: RoPE keys written (see `convert`).")
@@ -252,16 +268,17 @@ def quantize(checkpoint, output, recipe, data, n_tokens, seq_len, seed, chat, de
     from grokquant.quantize.distributed import init_from_env
     from grokquant.io.paths import check_output
     from grokquant.quantize.recipe import GGUFRecipe, load_recipe, with_target_bpw
-    from grokquant.quantize.run import check_recipe, quantize as run_quantize, read_report, render_report
+    from grokquant.quantize.run import check_request, quantize as run_quantize, read_report, render_report
     from grokquant.runtime.load import open_source, resolve_device
 
     rec = load_recipe(recipe)
     if target_bpw is not None:
         rec = with_target_bpw(rec, target_bpw)
-    check_recipe(rec)  # before torchrun starts and the calibration text is tokenized
+    check_request(rec, batch_size=batch_size)  # before torchrun starts and the calibration text is tokenized
     check_output(output, [checkpoint], directory=not isinstance(rec, GGUFRecipe), force=force)
     group, device = init_from_env(resolve_device(device))  # torchrun: one rank of many
     with open_source(checkpoint) as source:  # for its tokenizer, and the layer count the progress bar shows
+        check_request(rec, source.config, batch_size, expert_batch)  # group sizes against the model's widths
         tokens = calibration_tokens(source.tokenizer(), data, n_tokens, seq_len, seed, chat)
         n_layers = source.config.num_hidden_layers
     desc = f"quantize {rec.name}" + (f" ({group.world} ranks)" if group.world > 1 else "")
@@ -302,7 +319,7 @@ def quantize(checkpoint, output, recipe, data, n_tokens, seq_len, seed, chat, de
 @main.command()
 @click.argument("artifact", type=click.Path(exists=True))
 @click.option("--prompt", required=True)
-@click.option("--max-new-tokens", default=32, show_default=True)
+@click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(min=0))
 @click.option("--chat", is_flag=True, help="Wrap the prompt in Grok 2's chat format.")
 @click.option("--engine", default="torch", show_default=True, type=click.Choice(["torch", "llama.cpp"]),
               help="llama.cpp runs GGUF files through llama-cpp-python.")
@@ -321,9 +338,10 @@ def run(artifact, prompt, max_new_tokens, chat, engine, semantics, temperature, 
     from grokquant.runtime.generate import generate
     from grokquant.grok.tokenizer import format_chat
 
+    pieces = generate(artifact, prompt, max_new_tokens, chat, engine, semantics, temperature, top_p, seed,
+                      device, gpu_memory, cpu_memory)  # refuses bad input before anything is printed
     click.echo(format_chat([{"role": "user", "content": prompt}]) if chat else prompt, nl=False)
-    for piece in generate(artifact, prompt, max_new_tokens, chat, engine, semantics, temperature, top_p, seed,
-                          device, gpu_memory, cpu_memory):
+    for piece in pieces:
         click.echo(piece, nl=False)
     click.echo()
 
@@ -333,9 +351,11 @@ def run(artifact, prompt, max_new_tokens, chat, engine, semantics, temperature, 
 @click.option("--recipe", help="A recipe name or YAML path, or a llama.cpp file type (bf16, q8_0, ...). "
               "Without it: every recipe's size, which fit, and the best that fits.")
 @click.option("--gpu", "gpu_memory", default="24GiB", show_default=True, help="Memory of each GPU.")
-@click.option("--gpus", "n_gpus", default=1, show_default=True, help="Number of GPUs (0: CPU only).")
+@click.option("--gpus", "n_gpus", default=1, show_default=True, type=click.IntRange(min=0),
+              help="Number of GPUs (0: CPU only).")
 @click.option("--ram", default="128GiB", show_default=True, help="CPU memory for weights.")
-@click.option("--context", default=4096, show_default=True, help="Tokens of KV cache to reserve.")
+@click.option("--context", default=4096, show_default=True, type=click.IntRange(min=1),
+              help="Tokens of KV cache to reserve.")
 @click.option("--reserve", default="1GiB", show_default=True, help="Kept free on each GPU (CUDA context, activations).")
 def plan(checkpoint, recipe, gpu_memory, n_gpus, ram, context, reserve):
     """Sizes per tensor class, KV cache and placement over GPUs and RAM (real Grok 2 unless CHECKPOINT)."""
@@ -389,7 +409,7 @@ def plan(checkpoint, recipe, gpu_memory, n_gpus, ram, context, reserve):
               help="How GGUF files run: our model, llama.cpp (llama-cpp-python), or a row for each.")
 @click.option("--semantics", type=click.Choice(["sglang", "llama.cpp", "llama.cpp-yarn"]),
               help="Forward-pass semantics of the torch engine [default: sglang; a GGUF's own for GGUF].")
-@click.option("--batch-size", default=8, show_default=True, help="Windows per forward pass.")
+@click.option("--batch-size", default=8, show_default=True, type=POSITIVE, help="Windows per forward pass.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
               help="Write a figure: perplexity vs size, KL divergence distribution (needs matplotlib).")

@@ -5,5 +5,9 @@ class GrokquantError(Exception):
     """An error caused by the user's input, reported without a traceback."""
 
 
+class DiskFullError(GrokquantError):
+    """A write ran out of space (ENOSPC, quota, file-size limit); what was being written has been removed."""
+
+
 class CheckpointError(GrokquantError):
     """The checkpoint on disk is incomplete, damaged or inconsistent."""

@@ -100,9 +100,13 @@ def test_corrupt_and_absurd_headers(tiny_copy):
     f2 = tiny_copy / "pytorch_model-00010-TP-common.safetensors"
     data = f2.read_bytes()
     f2.write_bytes(data[:8] + b"#" + data[9:])
+    f3 = tiny_copy / "pytorch_model-00011-TP-common.safetensors"
+    nested = b"[" * 50_000  # json.loads recurses per bracket: a RecursionError unless caught
+    f3.write_bytes(struct.pack("<Q", len(nested)) + nested)
     problems, _ = _problems(tiny_copy)
     assert any(f1.name in p and "corrupt header" in p for p in problems)
     assert any(f2.name in p and "not valid JSON" in p for p in problems)
+    assert any(f3.name in p and "not valid JSON" in p for p in problems)
 
 
 def _rewrite(path, mutate):

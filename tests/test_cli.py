@@ -132,3 +132,34 @@ def test_outputs_that_would_destroy_an_input_are_refused(tiny_copy, tmp_path):
     with pytest.raises(GrokquantError, match="the input"):
         convert_gguf(tiny_copy, tiny_copy, GGUFRecipe("q8_0", "q8_0"), force=True)
     assert folder.is_dir() and _tree(tiny_copy) == before
+
+
+BAD_VALUES = [
+    (["run", "{ckpt}", "--prompt", ""], "the prompt is empty"),
+    (["run", "{ckpt}", "--prompt", "hi", "--max-new-tokens", "-1"], "'--max-new-tokens': -1 is not in the range x>=0"),
+    (["run", "{ckpt}", "--prompt", "hi", "--max-new-tokens", "200000"], "the model's context of 131072 tokens"),
+    (["run", "{ckpt}", "--prompt", "hi", "--gpu-memory", "abc"], "cannot parse memory size 'abc'"),
+    (["run", "{ckpt}", "--prompt", "hi", "--temperature", "nan"], "temperature must be >= 0"),
+    (["plan", "--context", "-1"], "'--context': -1 is not in the range x>=1"),
+    (["plan", "--gpus", "-1"], "'--gpus': -1 is not in the range x>=0"),
+    (["quantize", "{ckpt}", "-o", "{out}/q", "--batch-size", "0"], "'--batch-size': 0 is not in the range x>=1"),
+    (["quantize", "{ckpt}", "-o", "{out}/q", "--expert-batch", "0"], "'--expert-batch': 0 is not in the range x>=1"),
+    (["quantize", "{ckpt}", "-o", "{out}/q", "--expert-batch", "9", "--tokens", "128", "--seq-len", "64"],
+     "expert batch 9: between 1 and 8"),
+    (["calibrate", "{ckpt}", "-o", "{out}/c.safetensors", "--batch-size", "0"], "'--batch-size': 0 is not in the range"),
+    (["calibrate", "{ckpt}", "-o", "{out}/c.safetensors", "--tokens", "0"], "'--tokens': 0 is not in the range"),
+    (["eval", "{ckpt}", "--batch-size", "0"], "'--batch-size': 0 is not in the range x>=1"),
+    (["calibrate", "{ckpt}", "-o", "{out}/c.safetensors", "--imatrix", "{out}/c.safetensors", "--tokens", "128",
+      "--seq-len", "64"], "is the statistics output"),
+    (["convert", "{ckpt}", "-o", "{out}/a.gguf", "--type", "q8_0", "--split-max-size", "0"], "at least 1M"),
+    (["convert", "{ckpt}", "-o", "{out}/a.gguf", "--type", "q8_0", "--split-max-size", "1"], "at least 1M"),
+    (["quantize", "{ckpt}", "-o", "{out}/q", "--calibration", "x"], "No such option '--calibration'"),
+]
+
+
+@pytest.mark.parametrize("args, message", BAD_VALUES, ids=[" ".join(a[:1] + a[2:5:2]) for a, _ in BAD_VALUES])
+def test_bad_values_are_one_line_exit_2_and_write_nothing(tiny_tp8, tmp_path, args, message):
+    res = CliRunner().invoke(main, [a.format(ckpt=tiny_tp8, out=tmp_path) for a in args])
+    assert res.exit_code == 2, res.output
+    assert res.stderr.count("\n") == 1 and res.stderr.startswith("error: ") and message in res.stderr, res.stderr
+    assert res.stdout == "" and list(tmp_path.iterdir()) == []

@@ -216,3 +216,63 @@ def test_temporary_of_a_killed_convert_is_removed_by_the_next(wide_tp8, tmp_path
     convert(wide_tp8, clean, GGUFRecipe("q4_k_m", "q4_k_m"))
     assert clean.read_bytes() == out.read_bytes()
     clean.unlink()
+
+
+def _gguf_header(kvs=b"", n_kv=0, tensors=b"", n_tensors=0, pad=64):
+    import struct
+
+    return b"GGUF" + struct.pack("<IQQ", 3, n_tensors, n_kv) + kvs + tensors + b"\0" * pad
+
+
+def _gguf_string(s: bytes) -> bytes:
+    import struct
+
+    return struct.pack("<Q", len(s)) + s
+
+
+def _hostile_headers():
+    import struct
+
+    t = lambda name, dims, type_id=0, offset=0: (_gguf_string(name) + struct.pack("<I", len(dims))
+                                                  + struct.pack(f"<{len(dims)}Q", *dims) + struct.pack("<IQ", type_id, offset))
+    return {
+        "n_dims 2^31": (_gguf_header(tensors=_gguf_string(b"x") + struct.pack("<I", 2**31), n_tensors=1),
+                        "2147483648 dimensions"),
+        "string of 2^62 bytes": (_gguf_header(kvs=struct.pack("<Q", 2**62), n_kv=1), "string length"),
+        "array of 2^60 floats": (_gguf_header(kvs=_gguf_string(b"k") + struct.pack("<IIQ", 9, 6, 2**60), n_kv=1),
+                                 "array length"),
+        "array of 2^60 strings": (_gguf_header(kvs=_gguf_string(b"k") + struct.pack("<IIQ", 9, 8, 2**60), n_kv=1),
+                                  "array length"),
+        "2^60 keys": (_gguf_header(n_kv=2**60), "key count"),
+        "2^60 tensors": (_gguf_header(n_tensors=2**60), "tensor count"),
+        "tensor larger than the file": (_gguf_header(tensors=t(b"w", [2**20, 2**20]), n_tensors=1),
+                                        "cannot be F32 data"),
+        "row not a whole block": (_gguf_header(tensors=t(b"w", [33, 2], type_id=8), n_tensors=1),
+                                  "cannot be Q8_0 data"),
+        "tensor twice": (_gguf_header(tensors=t(b"w", [4]) * 2, n_tensors=2), "tensor w twice"),
+        "alignment 0": (_gguf_header(kvs=_gguf_string(b"general.alignment") + struct.pack("<II", 4, 0), n_kv=1),
+                        "not a power of two"),
+        "unknown type": (_gguf_header(tensors=t(b"w", [4], type_id=999), n_tensors=1), "unsupported ggml type"),
+        "truncated": (_gguf_header(kvs=_gguf_string(b"k") + struct.pack("<I", 4), n_kv=1, pad=0), "truncated"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_hostile_headers()))
+def test_hostile_gguf_headers_are_one_line_errors(tmp_path, case):
+    """Counts and lengths in a header are checked against the file's size before anything is allocated
+    for them: a corrupt or hostile file is refused at once, never a MemoryError or an endless loop."""
+    data, message = _hostile_headers()[case]
+    path = tmp_path / "bad.gguf"
+    path.write_bytes(data)
+    with pytest.raises(GrokquantError, match=message) as err:
+        read_gguf(path)
+    assert "\n" not in str(err.value)
+
+
+def test_hostile_gguf_through_run_and_eval_exits_2(tmp_path):
+    data, message = _hostile_headers()["n_dims 2^31"]
+    path = tmp_path / "bad.gguf"
+    path.write_bytes(data)
+    for args in (["run", path, "--prompt", "hi"], ["eval", path, "--chunks", 1]):
+        proc = subprocess.run([sys.executable, "-m", "grokquant", *map(str, args)], capture_output=True, text=True)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr

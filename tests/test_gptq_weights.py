@@ -131,3 +131,74 @@ def test_not_an_artifact(tiny_tp8, tmp_path):
         GPTQWeights(tiny_tp8)
     with pytest.raises(GrokquantError, match="config.json"):
         GPTQWeights(tmp_path)
+
+
+def _damaged(artifact, tmp_path, damage):
+    import shutil
+
+    copy = tmp_path / "damaged"
+    shutil.copytree(artifact, copy)
+    damage(copy)
+    return copy
+
+
+def _truncate(path, size):
+    data = path.read_bytes()
+    path.write_bytes(data[:size])
+
+
+SHARD = "model-00002-of-00003.safetensors"
+DAMAGES = {
+    "missing shard": (lambda d: (d / SHARD).unlink(), f"lists {SHARD}, which is missing"),
+    "truncated shard": (lambda d: _truncate(d / SHARD, 5000), f"{SHARD}: corrupt header"),
+    "truncated data": (lambda d: _truncate(d / SHARD, (d / SHARD).stat().st_size - 10), f"{SHARD}: truncated"),
+    "broken index": (lambda d: (d / "model.safetensors.index.json").write_text('{"weight_map": '), "not valid JSON"),
+    "index without map": (lambda d: (d / "model.safetensors.index.json").write_text("[]"), "no weight_map"),
+    "index naming the wrong file": (lambda d: (d / "model.safetensors.index.json").write_text(
+        (d / "model.safetensors.index.json").read_text().replace("model-00001-of", "model-00003-of", 1)),
+        "not in the file it names"),
+    "garbage quantize_config.json": (lambda d: (d / "quantize_config.json").write_text("garbage"),
+                                     "quantize_config.json: not valid JSON"),
+    "quantize_config.json of other bits": (lambda d: (d / "quantize_config.json").write_text(
+        (d / "quantize_config.json").read_text().replace('"bits": 4', '"bits": 8')), "disagrees with config.json"),
+    "bits as a string": (lambda d: (d / "config.json").write_text(
+        (d / "config.json").read_text().replace('"bits": 4', '"bits": "4"')), "bits is '4', expected int"),
+    "broken config.json": (lambda d: _truncate(d / "config.json", 20), "not valid JSON"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_damaged_artifact_is_refused_when_opened(mixed_artifact, tmp_path, damage):
+    mutate, message = DAMAGES[damage]
+    copy = _damaged(mixed_artifact, tmp_path, mutate)
+    with pytest.raises(GrokquantError, match=message.replace("(", r"\(")) as err:
+        GPTQWeights(copy)
+    assert "\n" not in str(err.value)
+
+
+def test_damaged_artifact_run_and_eval_exit_2(mixed_artifact, tmp_path):
+    import subprocess
+    import sys
+
+    copy = _damaged(mixed_artifact, tmp_path, lambda d: _truncate(d / SHARD, 5000))
+    for args in (["run", copy, "--prompt", "hi"], ["eval", copy, "--chunks", 1, "--ctx", 32]):
+        proc = subprocess.run([sys.executable, "-m", "grokquant", *map(str, args)], capture_output=True, text=True)
+        assert proc.returncode == 2 and proc.stdout == "", proc.stderr[-1000:]
+        assert proc.stderr.count("\n") == 1 and f"{SHARD}: corrupt header" in proc.stderr
+
+
+def test_packed_tensors_that_do_not_fit_are_refused():
+    cfg = IntQuantConfig(bits=4, group_size=32)
+    w = torch.randn(64, 128)
+    t = gptq_tensors(rtn(w[None], cfg), 0, cfg.bits)
+    PackedLinear.read("x", t, 4, 32, True)
+    bad = dict(t, g_idx=t["g_idx"].clone())
+    bad["g_idx"][5] = t["scales"].shape[0]  # a group that does not exist
+    with pytest.raises(GrokquantError, match="g_idx names groups outside"):
+        PackedLinear.read("x", bad, 4, 32, True)
+    with pytest.raises(GrokquantError, match="not GPTQ tensors"):
+        PackedLinear.read("x", dict(t, qweight=t["qweight"].float()), 4, 32, True)
+    with pytest.raises(GrokquantError, match="not GPTQ tensors"):
+        PackedLinear.read("x", dict(t, g_idx=t["g_idx"][:0]), 4, 32, True)
+    with pytest.raises(GrokquantError, match="do not fit"):
+        PackedLinear.read("x", dict(t, qzeros=t["qzeros"][:1]), 4, 32, True)

@@ -299,3 +299,79 @@ def test_target_bpw_refuses_what_it_cannot_do(tiny_tp8, tokens, tmp_path):
     with pytest.raises(GrokquantError, match="below the smallest"):
         quantize(tiny_tp8, tmp_path / "x.gguf", with_target_bpw(load_recipe("q4_k_m-gptq"), 1.5), tokens)  # IQ1_S is 1.5625
     assert list(tmp_path.iterdir()) == []  # refused before any work: no output, no work folder
+
+
+def test_full_disk_after_finished_layers_keeps_them_and_resumes(tiny_tp8, tokens, artifact, tmp_path, monkeypatch):
+    """ENOSPC writing layer 1 (as safetensors' Rust writer reports it): one line saying what was kept, layer
+    1's half-written file removed; once there is space the same call resumes to the uninterrupted bytes."""
+    import grokquant.quantize.run as run
+    from grokquant.errors import DiskFullError
+
+    real_save = run.save_file
+
+    def full_at_layer_1(tensors, path, metadata=None):
+        if "model-00002" in path:
+            open(path, "wb").write(b"half")
+            raise Exception("Error while serializing: I/O error: No space left on device (os error 28)")
+        real_save(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(run, "save_file", full_at_layer_1)
+    out = tmp_path / "x"
+    with pytest.raises(DiskFullError) as err:
+        quantize(tiny_tp8, out, GPTQRecipe(), tokens)
+    work = tmp_path / ".x.partial"
+    assert str(err.value) == (f"no space left on device writing {out}: 1 of 2 layers are kept in {work}; "
+                              f"free space and run the same command to resume")
+    assert not (work / "model-00002-of-00003.safetensors").exists() and not (tmp_path / ".x.lock").exists()
+    monkeypatch.setattr(run, "save_file", real_save)
+    done = []
+    quantize(tiny_tp8, out, GPTQRecipe(), tokens, on_layer=done.append)
+    assert done == [1]
+    for f in sorted(p.name for p in artifact.iterdir()):
+        assert (out / f).read_bytes() == (artifact / f).read_bytes(), f
+
+
+@pytest.mark.parametrize("recipe, message", [
+    ("experts: {bits: 4, group_size: '128'}", "experts.group_size must be an integer, got '128'"),
+    ("experts: {bits: 4, sym: maybe}", "experts.sym must be true or false, got 'maybe'"),
+    ("experts: {bits: 4, group_size: -5}", "experts.group_size must be -1 (one group per row) or positive"),
+    ("experts: {bits: 4, group_size: 0}", "experts.group_size must be -1 (one group per row) or positive"),
+    ("experts: {bits: 4, damp: 2}", "experts.damp must be in [0, 1)"),
+    ("experts: {bits: 3}", "experts bits must be 2, 4 or 8"),
+    ("min_tokens: lots", "min_tokens must be an integer, got 'lots'"),
+    ("sequential: 'no'", "sequential must be true or false"),
+    ("experts: {bits: 4, group_size: 7}", "experts group_size 7 does not divide the input width 256"),
+])
+def test_bad_gptq_recipe_is_one_line_before_any_work(tiny_tp8, tokens, tmp_path, recipe, message):
+    from grokquant.quantize.recipe import load_recipe
+
+    path = tmp_path / "r.yaml"
+    path.write_text("format: gptq\n" + recipe + "\n")
+    with pytest.raises(GrokquantError) as err:
+        quantize(tiny_tp8, tmp_path / "out", load_recipe(path), tokens)
+    assert message in str(err.value) and "\n" not in str(err.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml"]  # no .partial, no lock
+
+
+@pytest.mark.parametrize("recipe, message", [
+    ("damp: x", "damp must be a number, got 'x'"),
+    ("pure: maybe", "pure must be true or false, got 'maybe'"),
+    ("refits: 1.5", "refits must be an integer, got 1.5"),
+    ("target_bpw: '4'", "target_bpw must be a number, got '4'"),
+    ("overrides: [attention]", "overrides is a mapping"),
+])
+def test_bad_gguf_recipe_is_one_line(tmp_path, recipe, message):
+    from grokquant.quantize.recipe import load_recipe
+
+    path = tmp_path / "r.yaml"
+    path.write_text("format: gguf\nftype: q4_k_m\nmethod: gptq\n" + recipe + "\n")
+    with pytest.raises(GrokquantError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_recipe(path)
+
+
+def test_batch_sizes_below_one_are_refused(tiny_tp8, tokens, tmp_path):
+    with pytest.raises(GrokquantError, match="batch size 0: at least 1"):
+        quantize(tiny_tp8, tmp_path / "a", GPTQRecipe(), tokens, batch_size=0)
+    with pytest.raises(GrokquantError, match="expert batch 0: between 1 and 8"):
+        quantize(tiny_tp8, tmp_path / "a", GPTQRecipe(), tokens, expert_batch=0)
+    assert list(tmp_path.iterdir()) == []

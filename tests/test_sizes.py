@@ -45,9 +45,14 @@ def test_one_rule_for_byte_sizes():
     # convention: memory as torch and accelerate (1024), split shards as llama-gguf-split (1000)
     for text, memory, split in (("24GiB", 24 << 30, 24 << 30), ("192GB", 192 * 10**9, 192 * 10**9),
                                 ("24G", 24 << 30, 24 * 10**9), ("500m", 500 << 20, 500 * 10**6),
-                                (" 1.5 T ", int(1.5 * 2**40), int(1.5 * 10**12)), ("4096", 4096, 4096),
-                                ("64B", 64, 64)):
-        assert (parse_memory(text), parse_split_size(text)) == (memory, split), text
+                                (" 1.5 T ", int(1.5 * 2**40), int(1.5 * 10**12)), ("1M", 1 << 20, 10**6),
+                                ("4096", 4096, None), ("64B", 64, None), ("0", 0, None)):
+        assert parse_memory(text) == memory, text
+        if split is None:  # below llama-gguf-split's smallest unit every tensor would be a shard of its own
+            with pytest.raises(GrokquantError, match="at least 1M"):
+                parse_split_size(text)
+        else:
+            assert parse_split_size(text) == split, text
     assert parse_memory(3 << 30) == 3 << 30 and parse_split_size(None) is None
     for bad in ("lots", "2iB", "GB", "-1G", "2GiBs"):
         with pytest.raises(GrokquantError, match="cannot parse memory size"):

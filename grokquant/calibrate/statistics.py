@@ -172,19 +172,13 @@ def load_stats(path) -> list[LayerStats]:
     return [by_layer[k] for k in sorted(by_layer)]
 
 
-def calibrate(checkpoint, output, tokens: torch.Tensor, imatrix_out=None, hessians: bool = False,
-              batch_size: int = 8, device: str = "cpu", force: bool = False, dataset: str = "", metadata: dict | None = None,
-              on_layer: Callable[[LayerStats], None] | None = None) -> list[list[int]]:
-    """Collect statistics for every layer, write `output` (and the GGUF imatrix); returns tokens per
-    expert per layer. `output` is for inspection and other tools (`load_stats`); the imatrix feeds
-    `convert --imatrix` or llama-quantize. `quantize` collects its own statistics with `Collector`.
-    Both files are written under temporary names and renamed when both are complete."""
-    from contextlib import nullcontext
+def check_request(checkpoint, output, imatrix_out=None, force: bool = False, batch_size: int = 8) -> None:
+    """Refuse outputs `calibrate` must not write (existing without force, the input, one file twice) and
+    batch sizes below one, before any work."""
     from pathlib import Path
 
     from grokquant.errors import GrokquantError
-    from grokquant.calibrate.imatrix import save_imatrix
-    from grokquant.io.paths import check_output, replacing
+    from grokquant.io.paths import check_output
 
     for p in (output, imatrix_out):
         if p:
@@ -193,6 +187,21 @@ def calibrate(checkpoint, output, tokens: torch.Tensor, imatrix_out=None, hessia
         raise GrokquantError(f"--imatrix {imatrix_out} is the statistics output: name another file")
     if batch_size < 1:
         raise GrokquantError(f"batch size {batch_size}: at least 1")
+
+
+def calibrate(checkpoint, output, tokens: torch.Tensor, imatrix_out=None, hessians: bool = False,
+              batch_size: int = 8, device: str = "cpu", force: bool = False, dataset: str = "", metadata: dict | None = None,
+              on_layer: Callable[[LayerStats], None] | None = None) -> list[list[int]]:
+    """Collect statistics for every layer, write `output` (and the GGUF imatrix); returns tokens per
+    expert per layer. `output` is for inspection and other tools (`load_stats`); the imatrix feeds
+    `convert --imatrix` or llama-quantize. `quantize` collects its own statistics with `Collector`.
+    Both files are written under temporary names and renamed when both are complete."""
+    from contextlib import nullcontext
+
+    from grokquant.calibrate.imatrix import save_imatrix
+    from grokquant.io.paths import replacing
+
+    check_request(checkpoint, output, imatrix_out, force, batch_size)
     ckpt = Checkpoint.open(checkpoint)
     n_experts = ckpt.config.num_local_experts
     all_stats, sums, counts = [], {}, {}

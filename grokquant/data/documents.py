@@ -48,7 +48,7 @@ def _jsonl(path: Path, chat: bool) -> list[str]:
             continue
         try:
             obj = json.loads(line)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             raise GrokquantError(f"{path}:{i}: not valid JSON") from None
         if isinstance(obj, dict) and isinstance(obj.get("text"), str):
             docs.append(obj["text"])

@@ -194,7 +194,7 @@ class Baseline:
             with safe_open(str(path), "pt") as f:
                 meta = json.loads((f.metadata() or {})["grokquant_baseline"])
                 t = {k: f.get_tensor(k) for k in f.keys()}
-        except (KeyError, OSError, ValueError, SafetensorError):
+        except (KeyError, OSError, ValueError, RecursionError, SafetensorError):
             raise GrokquantError(f"{path}: not a baseline file written by `grokquant eval --save-baseline`") from None
         windows = Windows(t["tokens"].long(), meta["stride"], meta["n_score"])
         logits = {sem: BaselineLogits(t[f"{sem}/top_ids"].long(), t[f"{sem}/top_logp"], t[f"{sem}/rest_logp"],

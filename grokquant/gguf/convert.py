@@ -21,7 +21,7 @@ from grokquant.grok.checkpoint import Checkpoint
 from grokquant.grok.config import GrokConfig
 from grokquant.errors import GrokquantError
 from grokquant.gguf.file import GGUFWriter, read_gguf
-from grokquant.io.paths import check_output, temporary_for
+from grokquant.io.paths import check_output, full_disk_is_an_error, temporary_for
 from grokquant.io.pipeline import WriteBehind, read_ahead
 from grokquant.grok.names import gguf_tensors, release_names
 from grokquant.quant.ggml.base import QUANTIZERS, quantize
@@ -267,33 +267,34 @@ def convert(checkpoint: str | Path, out: str | Path, recipe: GGUFRecipe, rope: s
     if on_plan:
         on_plan(tensors)
     tmps = [temporary_for(p) for p in paths]
-    try:
-        for i, (shard, tmp) in enumerate(zip(shards, tmps)):
-            w = GGUFWriter(tmp)
-            if i == 0:
-                add_metadata(w, cfg, tok, recipe, rope, name or Path(checkpoint).name)
-                for key, value in (extra_metadata or {}).items():
-                    w.add_str(key, value)
-            if len(shards) > 1:
-                w.add_u16("split.no", i)
-                w.add_u16("split.count", len(shards))
-                w.add_i32("split.tensors.count", len(tensors))
-            for t in shard:
-                w.add_tensor(t.name, t.shape, t.type)
-            w.write_header()
-            try:
-                _write_tensors(w, tmp, ckpt, shard, imatrix, prequantized, progress)
-                w.close()
-            except BaseException:
-                w.abort()
-                raise
-            validate(tmp, shard, data=False)  # every chunk was checked before it was written
-        for tmp, p in zip(tmps, paths):
-            os.replace(tmp, p)
-    finally:
-        for tmp in tmps:
-            tmp.unlink(missing_ok=True)
-        ckpt.close()
+    with full_disk_is_an_error(Path(out), sum(t.nbytes for t in tensors)):  # after the cleanup below
+        try:
+            for i, (shard, tmp) in enumerate(zip(shards, tmps)):
+                w = GGUFWriter(tmp)
+                if i == 0:
+                    add_metadata(w, cfg, tok, recipe, rope, name or Path(checkpoint).name)
+                    for key, value in (extra_metadata or {}).items():
+                        w.add_str(key, value)
+                if len(shards) > 1:
+                    w.add_u16("split.no", i)
+                    w.add_u16("split.count", len(shards))
+                    w.add_i32("split.tensors.count", len(tensors))
+                for t in shard:
+                    w.add_tensor(t.name, t.shape, t.type)
+                w.write_header()
+                try:
+                    _write_tensors(w, tmp, ckpt, shard, imatrix, prequantized, progress)
+                    w.close()
+                except BaseException:
+                    w.abort()
+                    raise
+                validate(tmp, shard, data=False)  # every chunk was checked before it was written
+            for tmp, p in zip(tmps, paths):
+                os.replace(tmp, p)
+        finally:
+            for tmp in tmps:
+                tmp.unlink(missing_ok=True)
+            ckpt.close()
     return paths
 
 

@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass, field, fields, replace
 
 from grokquant.errors import GrokquantError
+from grokquant.gptq.layout import PACKABLE_BITS
 from grokquant.quant.gptq import IntQuantConfig
 
 # IntQuantConfig field -> JSON key, in the order the main settings are written
@@ -26,8 +27,23 @@ def to_json(c: IntQuantConfig, names=tuple(JSON_KEYS)) -> dict:
 
 
 def from_json(raw: dict, base: IntQuantConfig = IntQuantConfig(), names=tuple(JSON_KEYS)) -> IntQuantConfig:
-    """`base` with the JSON's values for the fields `names` (those the JSON has)."""
-    return replace(base, **{n: _TYPES[n](raw[JSON_KEYS[n]]) for n in names if JSON_KEYS[n] in raw})
+    """`base` with the JSON's values for the fields `names` (those the JSON has), each of its field's type:
+    an artifact is untrusted input, and `"bits": "4"` or `"sym": "yes"` would otherwise be read as something."""
+    if not isinstance(raw, dict):
+        raise GrokquantError(f"quantization_config: expected a JSON object, got {raw!r:.40}")
+    values = {}
+    for n in names:
+        if JSON_KEYS[n] not in raw:
+            continue
+        v, kind = raw[JSON_KEYS[n]], _TYPES[n]
+        if isinstance(v, bool) != (kind is bool) or not isinstance(v, (int, float) if kind is float else kind):
+            raise GrokquantError(f"quantization_config: {JSON_KEYS[n]} is {v!r:.40}, expected {kind.__name__}")
+        values[n] = kind(v)
+    c = replace(base, **values)
+    if c.bits not in PACKABLE_BITS or not (c.group_size == -1 or c.group_size >= 1):
+        raise GrokquantError(f"quantization_config: bits {c.bits} / group_size {c.group_size} (bits "
+                             f"{', '.join(map(str, PACKABLE_BITS))}; group_size -1 or positive)")
+    return c
 
 
 def quantization_config(recipe) -> dict:
@@ -59,13 +75,24 @@ class Quantization:
 
     @classmethod
     def from_dict(cls, raw: dict) -> "Quantization":
+        if not isinstance(raw, dict):
+            raise GrokquantError("quantization_config: expected a JSON object")
         method = raw.get("quant_method", "gptq")
         if method != "gptq":
             raise GrokquantError(f"quantization_config: quant_method {method!r}, expected 'gptq'")
         if raw.get("checkpoint_format", "gptq") != "gptq":
             raise GrokquantError(f"quantization_config: checkpoint_format {raw['checkpoint_format']!r} "
                                  "(only the v1 'gptq' format is read)")
-        return cls(from_json(raw), dict(raw.get("dynamic") or {}), raw)
+        dynamic = raw.get("dynamic") or {}
+        if not isinstance(dynamic, dict) or not all(isinstance(k, str) and isinstance(v, dict)
+                                                    for k, v in dynamic.items()):
+            raise GrokquantError("quantization_config: dynamic must map module patterns to settings")
+        for key in dynamic:
+            try:
+                re.compile(key[2:] if key[:2] in ("+:", "-:") else key)
+            except re.error as exc:
+                raise GrokquantError(f"quantization_config: dynamic pattern {key!r}: {exc}") from None
+        return cls(from_json(raw), dict(dynamic), raw)
 
     def for_module(self, module: str) -> IntQuantConfig | None:
         """The settings of linear `module` (e.g. "model.layers.0.mlp.up_proj"); None if left unquantized."""

@@ -18,10 +18,11 @@ import torch
 from safetensors import safe_open
 
 from grokquant.errors import GrokquantError
-from grokquant.gptq.config import Quantization
+from grokquant.gptq.config import JSON_KEYS, Quantization, from_json
 from grokquant.gptq.layout import PACKED_PARTS, PackedLinear
 from grokquant.grok.checkpoint import INDEX_FILE, TOKENIZER_FILE
 from grokquant.grok.config import GrokConfig
+from grokquant.io.safetensors_file import read_header
 
 
 class GPTQWeights:
@@ -32,10 +33,14 @@ class GPTQWeights:
         config_file = self.path / "config.json"
         if not config_file.is_file():
             raise GrokquantError(f"{self.path}: no config.json (not a GPTQ artifact directory)")
-        raw = json.loads(config_file.read_text())
-        if "quantization_config" not in raw:
+        raw = _read_json(config_file)
+        if not isinstance(raw, dict) or "quantization_config" not in raw:
             raise GrokquantError(f"{config_file}: no quantization_config (not a GPTQ artifact)")
-        self.quantization = Quantization.from_dict(raw.pop("quantization_config"))
+        try:
+            self.quantization = Quantization.from_dict(raw.pop("quantization_config"))
+        except GrokquantError as exc:
+            raise GrokquantError(f"{config_file}: {exc}") from None
+        _check_quantize_config(self.path / "quantize_config.json", self.quantization)
         self.config = GrokConfig.from_dict(raw, str(config_file))
         tok = self.path / TOKENIZER_FILE
         self.tokenizer_path = tok if tok.is_file() else None
@@ -43,16 +48,34 @@ class GPTQWeights:
         self._open: dict[str, object] = {}
 
     def _weight_map(self) -> dict[str, str]:
+        """Tensor name -> shard, every shard's header checked (present, complete, consistent with the index)
+        so that a damaged artifact is refused when opened rather than midway through a run."""
         index = self.path / INDEX_FILE
+        listed = None
         if index.is_file():
-            return dict(json.loads(index.read_text())["weight_map"])
-        shards = sorted(self.path.glob("*.safetensors"))
+            raw = _read_json(index)
+            listed = raw.get("weight_map") if isinstance(raw, dict) else None
+            if not isinstance(listed, dict) or not all(isinstance(v, str) and "/" not in v for v in listed.values()):
+                raise GrokquantError(f"{index}: not a safetensors index (no weight_map of tensor -> file)")
+            shards = sorted({self.path / v for v in listed.values()})
+        else:
+            shards = sorted(self.path.glob("*.safetensors"))
         if not shards:
             raise GrokquantError(f"{self.path}: no .safetensors files")
         where = {}
         for shard in shards:
-            with safe_open(str(shard), "pt") as f:
-                where.update({k: shard.name for k in f.keys()})
+            if not shard.is_file():
+                raise GrokquantError(f"{self.path}: {INDEX_FILE} lists {shard.name}, which is missing")
+            entries, _, problems = read_header(shard)
+            if problems:
+                raise GrokquantError(f"{self.path}: {problems[0]}" + (f" (and {len(problems) - 1} more problems)"
+                                                                      if len(problems) > 1 else ""))
+            where.update({e.name: shard.name for e in entries})
+        if listed is not None:
+            wrong = sorted(n for n, f in listed.items() if where.get(n) != f)
+            if wrong:
+                raise GrokquantError(f"{index}: {len(wrong)} tensor(s) not in the file it names, e.g. {wrong[0]}")
+            where = dict(listed)
         return where
 
     # ---- raw access ----------------------------------------------------------------------------
@@ -101,6 +124,30 @@ class GPTQWeights:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, RecursionError) as exc:  # ValueError: bad JSON or UTF-8
+        raise GrokquantError(f"{path}: not valid JSON ({str(exc)[:80]})") from None
+
+
+def _check_quantize_config(path: Path, quantization: Quantization) -> None:
+    """auto-gptq reads quantize_config.json, transformers and we config.json's quantization_config: when both
+    are there they must agree, or the same directory would mean two different models."""
+    if not path.exists():
+        return
+    raw = _read_json(path)
+    try:
+        theirs = from_json(raw)
+    except GrokquantError as exc:
+        raise GrokquantError(f"{path}: {exc}") from None
+    ours = quantization.default
+    for name, key in JSON_KEYS.items():
+        if key in raw and getattr(theirs, name) != getattr(ours, name):
+            raise GrokquantError(f"{path}: {key} {getattr(theirs, name)!r} disagrees with config.json's "
+                                 f"quantization_config ({getattr(ours, name)!r})")
 
 
 def is_gptq_dir(path: str | Path) -> bool:

@@ -200,7 +200,7 @@ def _check_index(root: Path, files: list[Path]) -> list[str]:
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
         listed = set(weight_map.values())
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+    except (ValueError, RecursionError, KeyError, TypeError, AttributeError):  # ValueError: bad JSON or UTF-8
         return [f"{INDEX_FILE}: not a valid index (no weight_map)"]
     present = {f.name for f in files}
     return [f"{INDEX_FILE} lists {name}, which is missing" for name in sorted(listed - present)]

@@ -86,8 +86,8 @@ class GrokConfig:
             raw = json.loads(Path(path).read_text())
         except FileNotFoundError:
             raise CheckpointError(f"{path}: config.json not found") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+        except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8; absurdly nested brackets
+            raise CheckpointError(f"{path}: not valid JSON ({str(exc)[:80]})") from None
         if not isinstance(raw, dict):
             raise CheckpointError(f"{path}: expected a JSON object")
         return cls.from_dict(raw, str(path))

@@ -101,7 +101,7 @@ def load_tokenizer(path: str | Path) -> GrokTokenizer:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CheckpointError(f"{path}: not found") from None
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad JSON or UTF-8
         raise CheckpointError(f"{path}: unreadable tokenizer ({type(exc).__name__})") from None
     return tokenizer_from_dict(raw, path)
 

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from grokquant.errors import GrokquantError
+from grokquant.errors import DiskFullError, GrokquantError
 
 _FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
@@ -49,29 +49,53 @@ def remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-@contextmanager
-def replacing(path: str | Path) -> Iterator[Path]:
-    """Yields a temporary path to write; on success it is renamed onto `path` (a file, or a folder that
-    replaces an existing one), on any failure it is removed: `path` is the old output or the whole new one."""
-    path = Path(path)
-    tmp = temporary_for(path)
-    remove(tmp)
-    try:
-        yield tmp
-        if tmp.is_dir() and path.exists():
-            remove(path)
-        os.replace(tmp, path)
-    finally:
-        remove(tmp)
-
-
 def is_disk_full(exc: BaseException) -> bool:
     """A write failed because the disk (or quota, or file-size limit) is full; also when the error comes
     from safetensors' Rust writer, which reports the OS error only in its message."""
+    if isinstance(exc, DiskFullError):
+        return True
     if isinstance(exc, OSError):
         return exc.errno in _FULL
     text = str(exc)
     return any(f"os error {code})" in text for code in _FULL)
+
+
+@contextmanager
+def full_disk_is_an_error(out: Path, need_bytes: int | None = None) -> Iterator[None]:
+    """A full disk while writing `out` becomes one line saying so (and how much the output needs); the
+    writer's own cleanup has run by then, so nothing half-written is left."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except Exception as exc:
+        if not is_disk_full(exc):
+            raise
+        target = Path(out).resolve().parent
+        while not target.exists():
+            target = target.parent
+        free = shutil.disk_usage(target).free
+        need = f"it needs {need_bytes / 1e9:.3f} GB, " if need_bytes else ""
+        raise DiskFullError(f"no space left on device writing {out} ({need}{free / 1e9:.3f} GB free there); "
+                            f"nothing was replaced") from None
+
+
+@contextmanager
+def replacing(path: str | Path) -> Iterator[Path]:
+    """Yields a temporary path to write; on success it is renamed onto `path` (a file, or a folder that
+    replaces an existing one), on any failure it is removed: `path` is the old output or the whole new one.
+    A full disk is reported as such (DiskFullError)."""
+    path = Path(path)
+    tmp = temporary_for(path)
+    remove(tmp)
+    with full_disk_is_an_error(path):
+        try:
+            yield tmp
+            if tmp.is_dir() and path.exists():
+                remove(path)
+            os.replace(tmp, path)
+        finally:
+            remove(tmp)
 
 
 @contextmanager

@@ -64,13 +64,15 @@ def read_header(path: Path) -> tuple[list[TensorEntry], dict, list[str]]:
         return [], {}, [f"{name}: cannot read ({exc.strerror or exc})"]
     try:
         header = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # RecursionError: thousands of nested brackets
         return [], {}, [f"{name}: corrupt header: not valid JSON"]
     if not isinstance(header, dict):
         return [], {}, [f"{name}: corrupt header: not a JSON object"]
 
     data_start = 8 + n
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        return [], {}, [f"{name}: corrupt header: __metadata__ is not a JSON object"]
     entries, problems = [], []
     data_end = 0
     for tname, info in header.items():

@@ -37,7 +37,7 @@ from grokquant.quantize import distributed
 from grokquant.calibrate.statistics import Collector, LayerStats
 from grokquant.grok.checkpoint import Checkpoint
 from grokquant.grok.config import GrokConfig
-from grokquant.errors import GrokquantError
+from grokquant.errors import DiskFullError, GrokquantError
 from grokquant.io.paths import check_output, exclusive, is_disk_full, remove
 from grokquant.grok.model import Grok2ForCausalLM
 from grokquant.grok.names import expert_groups, gguf_tensors
@@ -129,13 +129,20 @@ def _allocation(ckpt: Checkpoint, recipe: GGUFRecipe, tokens: torch.Tensor, work
     return report
 
 
-def check_recipe(recipe: Recipe, cfg: GrokConfig | None = None) -> None:
-    """Refuse a recipe that `quantize` does not run on the model of `cfg` (callers may check before
-    preparing calibration data)."""
+def check_request(recipe: Recipe, cfg: GrokConfig | None = None, batch_size: int = 8,
+                  expert_batch: int | None = None) -> None:
+    """Refuse what `quantize` would not run: the recipe, and with the model's `cfg` its group sizes and the
+    batch sizes (callers may check before preparing calibration data)."""
     if isinstance(recipe, GGUFRecipe) and not recipe.calibrated:
         raise GrokquantError(f"recipe {recipe.name} is not calibrated (method reference): use `grokquant convert`")
-    if isinstance(recipe, GPTQRecipe) and cfg is not None:
+    if batch_size < 1:
+        raise GrokquantError(f"batch size {batch_size}: at least 1")
+    if cfg is None:
+        return
+    if isinstance(recipe, GPTQRecipe):
         recipe.check_widths(cfg)
+    if expert_batch is not None and not 1 <= expert_batch <= cfg.num_local_experts:
+        raise GrokquantError(f"expert batch {expert_batch}: between 1 and {cfg.num_local_experts}")
 
 
 @torch.no_grad()
@@ -167,12 +174,8 @@ def quantize(checkpoint: str | Path, out: str | Path, recipe: Recipe, tokens: to
     group = distributed.current()
     out = check_output(out, [checkpoint], directory=not isinstance(recipe, GGUFRecipe), force=force)
     ckpt = Checkpoint.open(checkpoint)
-    check_recipe(recipe, ckpt.config)
+    check_request(recipe, ckpt.config, batch_size, expert_batch)
     expert_batch = ckpt.config.num_local_experts if expert_batch is None else expert_batch
-    if not 1 <= expert_batch <= ckpt.config.num_local_experts:
-        raise GrokquantError(f"expert batch {expert_batch}: between 1 and {ckpt.config.num_local_experts}")
-    if batch_size < 1:
-        raise GrokquantError(f"batch size {batch_size}: at least 1")
     work = out.with_name(f".{out.name}.partial")
     # one run per output (rank 0 alone touches the files); the lock goes with the process, kill -9 included
     with exclusive(out.with_name(f".{out.name}.lock"), str(out)) if group.is_main else nullcontext():
@@ -200,7 +203,7 @@ def _after_failure(exc: BaseException, out: Path, work: Path, n_layers: int) -> 
     if not kept:
         remove(work)
     if is_disk_full(exc):
-        raise GrokquantError(f"no space left on device writing {out}: " + (
+        raise DiskFullError(f"no space left on device writing {out}: " + (
             f"{done} of {n_layers} layers are kept in {work}; free space and run the same command to resume"
             if kept else "nothing was kept")) from None
 

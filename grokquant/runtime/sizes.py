@@ -98,4 +98,6 @@ def parse_split_size(text: str | None) -> int | None:
     n = parse_bytes(text, 1000)
     if n is None:
         raise GrokquantError(f"cannot parse size {text!r} (e.g. 500M, 2G)")
+    if n < 1000**2:  # llama-gguf-split's smallest unit; below it every tensor would be a file of its own
+        raise GrokquantError(f"--split-max-size {text}: at least 1M")
     return n
