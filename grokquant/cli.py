@@ -354,7 +354,7 @@ def run(artifact, prompt, max_new_tokens, chat, engine, semantics, temperature, 
 @click.option("--gpus", "n_gpus", default=1, show_default=True, type=click.IntRange(min=0),
               help="Number of GPUs (0: CPU only).")
 @click.option("--ram", default="128GiB", show_default=True, help="CPU memory for weights.")
-@click.option("--context", default=4096, show_default=True, type=click.IntRange(min=1),
+@click.option("--context", default=4096, show_default=True, type=click.IntRange(min=0),
               help="Tokens of KV cache to reserve.")
 @click.option("--reserve", default="1GiB", show_default=True, help="Kept free on each GPU (CUDA context, activations).")
 def plan(checkpoint, recipe, gpu_memory, n_gpus, ram, context, reserve):
@@ -396,15 +396,15 @@ def plan(checkpoint, recipe, gpu_memory, n_gpus, ram, context, reserve):
 @click.option("--data", default="builtin", show_default=True,
               help="builtin (the built-in corpus's held-out split), a text file (tokenized whole, as "
                    "llama-perplexity does), a folder of text files or JSON Lines.")
-@click.option("--ctx", default=512, show_default=True, help="Tokens per window.")
-@click.option("--stride", type=int, help="Tokens between window starts [default: ctx]; each window scores its "
+@click.option("--ctx", default=512, show_default=True, type=POSITIVE, help="Tokens per window.")
+@click.option("--stride", type=POSITIVE, help="Tokens between window starts [default: ctx]; each window scores its "
               "last min(stride, ctx/2 - 1) tokens.")
-@click.option("--chunks", type=int, help="Evaluate only the first N windows.")
+@click.option("--chunks", type=POSITIVE, help="Evaluate only the first N windows.")
 @click.option("--baseline", type=click.Path(exists=True),
               help="Compare against this artifact, or against logits saved by --save-baseline.")
 @click.option("--save-baseline", type=click.Path(dir_okay=False),
               help="Save the baseline's top-k log-probabilities (.safetensors) for reuse with --baseline.")
-@click.option("--top-k", default=256, show_default=True, help="Baseline log-probabilities kept per token.")
+@click.option("--top-k", default=256, show_default=True, type=POSITIVE, help="Baseline log-probabilities kept per token.")
 @click.option("--engine", default="torch", show_default=True, type=click.Choice(["torch", "llama.cpp", "both"]),
               help="How GGUF files run: our model, llama.cpp (llama-cpp-python), or a row for each.")
 @click.option("--semantics", type=click.Choice(["sglang", "llama.cpp", "llama.cpp-yarn"]),

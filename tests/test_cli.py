@@ -140,7 +140,7 @@ BAD_VALUES = [
     (["run", "{ckpt}", "--prompt", "hi", "--max-new-tokens", "200000"], "the model's context of 131072 tokens"),
     (["run", "{ckpt}", "--prompt", "hi", "--gpu-memory", "abc"], "cannot parse memory size 'abc'"),
     (["run", "{ckpt}", "--prompt", "hi", "--temperature", "nan"], "temperature must be >= 0"),
-    (["plan", "--context", "-1"], "'--context': -1 is not in the range x>=1"),
+    (["plan", "--context", "-1"], "'--context': -1 is not in the range x>=0"),
     (["plan", "--gpus", "-1"], "'--gpus': -1 is not in the range x>=0"),
     (["quantize", "{ckpt}", "-o", "{out}/q", "--batch-size", "0"], "'--batch-size': 0 is not in the range x>=1"),
     (["quantize", "{ckpt}", "-o", "{out}/q", "--expert-batch", "0"], "'--expert-batch': 0 is not in the range x>=1"),

@@ -231,7 +231,7 @@ def test_cli_errors_are_one_line(artifacts, tmp_path):
     assert r.exit_code == 2 and "exists (use --force" in r.output and kept.read_bytes() == b"earlier output"
     for flag in ("--stride", "--chunks", "--batch-size", "--ctx"):
         r = runner.invoke(main, ["eval", str(FIXTURE), flag, "0"])
-        assert r.exit_code == 2 and r.output.count("\n") == 1 and f"{flag} must be at least 1" in r.output
+        assert r.exit_code == 2 and r.output.count("\n") == 1 and f"'{flag}': 0 is not in the range x>=1" in r.output
     # a file llama.cpp cannot load fails in the child process, not in ours
     cut = tmp_path / "truncated.gguf"
     cut.write_bytes(artifacts["q8_0"].read_bytes()[:-4096])

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from grokquant.errors import GrokquantError
+from grokquant.errors import DiskFullError, GrokquantError
 from grokquant.gguf.convert import convert
 from grokquant.gguf.file import GGUFWriter, read_gguf
 from grokquant.io.pipeline import WriteBehind, read_ahead
@@ -74,7 +74,7 @@ def test_write_behind_writes_in_order():
 def test_write_behind_raises_the_writers_error():
     def write(item):
         if item == 5:
-            raise OSError(28, "No space left on device")
+            raise OSError(28, "No space left on device")  # said as one line: DiskFullError
 
     w = WriteBehind(write, depth=1)
     with pytest.raises(OSError, match="No space"):
@@ -108,11 +108,11 @@ def test_convert_write_failure_leaves_nothing(tiny_tp8, tmp_path, monkeypatch):
     def failing(self, name, data):
         calls["n"] += 1
         if calls["n"] == 7:
-            raise OSError(28, "No space left on device")
+            raise OSError(28, "No space left on device")  # said as one line: DiskFullError
         real(self, name, data)
 
     monkeypatch.setattr(GGUFWriter, "write", failing)
-    with pytest.raises(OSError):
+    with pytest.raises(DiskFullError, match="no space left on device writing .*out.gguf"):
         convert(tiny_tp8, tmp_path / "out.gguf", GGUFRecipe("q8_0", "q8_0"))
     assert list(tmp_path.iterdir()) == []
 

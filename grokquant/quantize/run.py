@@ -46,7 +46,10 @@ from grokquant.quantize.items import (Item, LayerResult, Recipe, all_token_stati
                              quantize_items)
 from grokquant.quantize.recipe import GGUFRecipe, GPTQRecipe
 
-FORMAT_VERSION = 5  # part of the resume fingerprint: bump when the per-layer output changes
+FORMAT_VERSION = 6  # part of the resume fingerprint: bump when the per-layer output changes
+# the next layer's input, as safetensors: no unpickling, and a full disk reported as ENOSPC (torch.save
+# reports only "unexpected pos")
+HIDDEN_FILE = "hidden.safetensors"
 REPORT_KEY = "grokquant.quantize_report"  # GGUF header key holding the per-class report (JSON)
 ALLOCATION_KEY = "grokquant.allocation"  # GGUF header key: the --target-bpw choice per tensor (JSON)
 
@@ -146,6 +149,11 @@ def check_request(recipe: Recipe, cfg: GrokConfig | None = None, batch_size: int
 
 
 @torch.no_grad()
+def _load_hidden(path: Path) -> list[torch.Tensor]:
+    with safe_open(str(path), "pt") as f:
+        return [f.get_tensor(str(i)) for i in range(len(f.keys()))]
+
+
 def _read_state(state_file: Path, work: Path) -> dict | None:
     """The saved progress of an interrupted run, or None; a damaged file (written by something else: ours
     are replaced atomically) is refused in one line rather than silently discarding the work."""
@@ -224,7 +232,7 @@ def _quantize(ckpt: Checkpoint, checkpoint, out: Path, work: Path, recipe: Recip
             work.mkdir(parents=True)
             state = {"fingerprint": fp, "done": 0, "report": []}
         if state["done"]:
-            hidden = torch.load(work / "hidden.pt", weights_only=True)  # a tensor: nothing to unpickle
+            hidden = _load_hidden(work / HIDDEN_FILE)
     state = group.broadcast(state)
     allocation = None
     if gguf and recipe.target_bpw is not None and not recipe.tensor_types:
@@ -258,8 +266,8 @@ def _quantize(ckpt: Checkpoint, checkpoint, out: Path, work: Path, recipe: Recip
             except BaseException:
                 (work / parts[layer]).unlink(missing_ok=True)  # the space it took, e.g. on a full disk
                 raise
-            torch.save(hidden, work / "hidden.tmp")
-            os.replace(work / "hidden.tmp", work / "hidden.pt")
+            save_file({str(i): h.contiguous() for i, h in enumerate(hidden)}, str(work / "hidden.tmp"))
+            os.replace(work / "hidden.tmp", work / HIDDEN_FILE)
             state["report"] += written.report
             (work / "progress.tmp").write_text(json.dumps(state))
             os.replace(work / "progress.tmp", state_file)  # a kill mid-write leaves the previous state
@@ -384,7 +392,7 @@ def _finish_gptq(ckpt: Checkpoint, work: Path, parts: list[str], out: Path, reci
               metadata={"format": "pt"})
     write_metadata(work, ckpt, recipe, parts)
     (work / "quantize_report.json").write_text(json.dumps(report, indent=2))
-    (work / "hidden.pt").unlink(missing_ok=True)
+    (work / HIDDEN_FILE).unlink(missing_ok=True)
     (work / "progress.json").unlink()
     if out.exists():
         shutil.rmtree(out)

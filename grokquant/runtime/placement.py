@@ -153,8 +153,8 @@ def plan_placement(sizes: ModelBytes, max_memory: dict[str, int], context: int =
     max_memory: device -> bytes ("cuda:0", ..., "cpu"; a missing "cpu" means unlimited); gpu_reserve:
     bytes kept free on every GPU (CUDA context, activations).
     """
-    if context < 1:
-        raise GrokquantError(f"context {context}: at least 1 token of KV cache")
+    if context < 0:
+        raise GrokquantError(f"context {context}: tokens of KV cache cannot be negative")
     gpus = [d for d in max_memory if d != "cpu"]
     L = len(sizes.layers)
     cpu_cap = max_memory.get("cpu", float("inf"))
