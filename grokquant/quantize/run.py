@@ -148,7 +148,6 @@ def check_request(recipe: Recipe, cfg: GrokConfig | None = None, batch_size: int
         raise GrokquantError(f"expert batch {expert_batch}: between 1 and {cfg.num_local_experts}")
 
 
-@torch.no_grad()
 def _load_hidden(path: Path) -> list[torch.Tensor]:
     with safe_open(str(path), "pt") as f:
         return [f.get_tensor(str(i)) for i in range(len(f.keys()))]
@@ -168,6 +167,7 @@ def _read_state(state_file: Path, work: Path) -> dict | None:
         raise GrokquantError(f"{state_file} is damaged ({e}): delete {work} to start over") from None
 
 
+@torch.no_grad()
 def quantize(checkpoint: str | Path, out: str | Path, recipe: Recipe, tokens: torch.Tensor, force: bool = False,
              batch_size: int = 8, device: str = "cpu", rope: str = "plain", expert_batch: int | None = None,
              on_layer: Callable[[int], None] | None = None, on_probe: Callable[[int, int], None] | None = None
