@@ -198,14 +198,16 @@ def convert(checkpoint, output, ftype, recipe, rope, imatrix, split_max_size, na
               help="Statistics file (.safetensors): per layer and input group, Σx², token counts[, Hessians].")
 @click.option("--data", default="builtin", show_default=True,
               help="A text file, a folder of text files, JSON Lines (text or prompt/response), or builtin.")
-@click.option("--tokens", "n_tokens", default=8192, show_default=True, type=POSITIVE, help="Calibration tokens in total.")
+@click.option("--tokens", "n_tokens", default=8192, show_default=True, type=POSITIVE,
+              help="Calibration tokens in total.")
 @click.option("--seq-len", default=512, show_default=True, type=POSITIVE, help="Tokens per window.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--chat", is_flag=True, help="Render prompt/response pairs in Grok 2's chat format.")
 @click.option("--imatrix", "imatrix_out", type=click.Path(dir_okay=False),
               help="Also write llama.cpp's GGUF imatrix (for llama-quantize --imatrix or convert --imatrix).")
 @click.option("--hessians", is_flag=True, help="Also store full Hessians Σxxᵀ (small models only).")
-@click.option("--min-tokens", default=64, show_default=True, type=click.IntRange(min=0), help="Flag experts that see fewer tokens.")
+@click.option("--min-tokens", default=64, show_default=True, type=click.IntRange(min=0),
+              help="Flag experts that see fewer tokens.")
 @click.option("--batch-size", default=8, show_default=True, type=POSITIVE,
               help="Sequences pushed through a layer at once.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
@@ -404,7 +406,8 @@ def plan(checkpoint, recipe, gpu_memory, n_gpus, ram, context, reserve):
               help="Compare against this artifact, or against logits saved by --save-baseline.")
 @click.option("--save-baseline", type=click.Path(dir_okay=False),
               help="Save the baseline's top-k log-probabilities (.safetensors) for reuse with --baseline.")
-@click.option("--top-k", default=256, show_default=True, type=POSITIVE, help="Baseline log-probabilities kept per token.")
+@click.option("--top-k", default=256, show_default=True, type=POSITIVE,
+              help="Baseline log-probabilities kept per token.")
 @click.option("--engine", default="torch", show_default=True, type=click.Choice(["torch", "llama.cpp", "both"]),
               help="How GGUF files run: our model, llama.cpp (llama-cpp-python), or a row for each.")
 @click.option("--semantics", type=click.Choice(["sglang", "llama.cpp", "llama.cpp-yarn"]),

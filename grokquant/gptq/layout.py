@@ -106,8 +106,8 @@ class PackedLinear:
         qweight, qzeros, scales, g_idx = (parts[p] for p in PACKED_PARTS)
         if (qweight.dim(), qzeros.dim(), scales.dim(), g_idx.dim()) != (2, 2, 2, 1) or not g_idx.numel() \
                 or qweight.dtype != torch.int32 or qzeros.dtype != torch.int32 or not scales.is_floating_point():
-            raise GrokquantError(f"{prefix}: not GPTQ tensors (qweight {list(qweight.shape)} {qweight.dtype}, "
-                                 f"qzeros {list(qzeros.shape)}, scales {list(scales.shape)}, g_idx {list(g_idx.shape)})")
+            raise GrokquantError(f"{prefix}: not GPTQ tensors (qweight {list(qweight.shape)} {qweight.dtype}, qzeros "
+                                 f"{list(qzeros.shape)}, scales {list(scales.shape)}, g_idx {list(g_idx.shape)})")
         in_features, out_features = g_idx.shape[0], scales.shape[1]
         stored_bits = 32 * qweight.shape[0] // in_features  # what the shapes say; must agree with the config
         if stored_bits != bits or qweight.shape[1] != out_features or qzeros.shape[1] * 32 // bits != out_features \
