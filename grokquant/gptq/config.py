@@ -8,18 +8,17 @@ bits/group_size/sym/desc_act, `-:regex` leaves the module unquantized.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 
 from grokquant.errors import GrokquantError
 from grokquant.gptq.layout import PACKABLE_BITS
-from grokquant.quant.gptq import IntQuantConfig
+from grokquant.quant.gptq import FIELD_TYPES, IntQuantConfig, is_of_type
 
 # IntQuantConfig field -> JSON key, in the order the main settings are written
 JSON_KEYS = {"bits": "bits", "group_size": "group_size", "damp": "damp_percent", "act_order": "desc_act",
              "static_groups": "static_groups", "sym": "sym"}
 OVERRIDE_FIELDS = ("bits", "group_size", "sym", "act_order")  # what a `dynamic` entry sets
 CLASS_MODULES = (("attention", r".*\.self_attn\..*"), ("dense_mlp", r".*\.mlp\..*"), ("experts", r".*\.experts\..*"))
-_TYPES = {f.name: type(f.default) for f in fields(IntQuantConfig)}
 
 
 def to_json(c: IntQuantConfig, names=tuple(JSON_KEYS)) -> dict:
@@ -35,8 +34,8 @@ def from_json(raw: dict, base: IntQuantConfig = IntQuantConfig(), names=tuple(JS
     for n in names:
         if JSON_KEYS[n] not in raw:
             continue
-        v, kind = raw[JSON_KEYS[n]], _TYPES[n]
-        if isinstance(v, bool) != (kind is bool) or not isinstance(v, (int, float) if kind is float else kind):
+        v, kind = raw[JSON_KEYS[n]], FIELD_TYPES[n]
+        if not is_of_type(v, kind):
             raise GrokquantError(f"quantization_config: {JSON_KEYS[n]} is {v!r:.40}, expected {kind.__name__}")
         values[n] = kind(v)
     c = replace(base, **values)

@@ -9,7 +9,7 @@ reference quantizer (Frantar et al. 2022, arXiv:2210.17323) and of auto-gptq's c
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -32,6 +32,15 @@ class IntQuantConfig:
     @property
     def maxq(self) -> int:
         return 2 ** self.bits - 1
+
+
+# each field's type, for reading settings from untrusted files (recipes, an artifact's quantization_config)
+FIELD_TYPES = {f.name: type(f.default) for f in fields(IntQuantConfig)}
+
+
+def is_of_type(value, kind: type) -> bool:
+    """`value` is a `kind` as JSON or YAML would give it: bool is not an int here, an int is a float."""
+    return isinstance(value, bool) == (kind is bool) and isinstance(value, (int, float) if kind is float else kind)
 
 
 @dataclass

@@ -26,7 +26,7 @@ from grokquant.errors import GrokquantError
 from grokquant.grok.config import GrokConfig
 from grokquant.grok.names import gguf_bases, tensor_class
 from grokquant.quant.ggml.types import TYPES
-from grokquant.quant.gptq import IntQuantConfig
+from grokquant.quant.gptq import FIELD_TYPES, IntQuantConfig, is_of_type
 from grokquant.quant.ggml.mixes import FTYPES
 
 RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
@@ -151,10 +151,10 @@ class GPTQRecipe:
         """Groups must tile each linear's input exactly: the GPTQ format stores whole groups, and a group
         straddling the end of a row would be read by kernels from the next row."""
         for name, shape in cfg.layer_shapes(0).items():
-            c = self.config_for(tensor_class(name)) if tensor_class(name) in ("experts", "attention", "dense_mlp") \
-                else None
+            cls = tensor_class(name)
+            c = self.config_for(cls) if cls in ("experts", "attention", "dense_mlp") else None
             if c is not None and c.group_size != -1 and shape[1] % c.group_size:
-                raise GrokquantError(f"recipe {self.name}: {tensor_class(name)} group_size {c.group_size} does not "
+                raise GrokquantError(f"recipe {self.name}: {cls} group_size {c.group_size} does not "
                                      f"divide the input width {shape[1]} of {name.split('.', 3)[-1]} "
                                      f"(use -1 or a divisor such as 128)")
 
@@ -162,7 +162,7 @@ class GPTQRecipe:
 def _typed(path: Path, key: str, value, kind: type):
     """`value` as a `kind` (bool, int, float or str), refusing what YAML gave as another type: "128" is not
     a group size, and "maybe" is not a boolean."""
-    if isinstance(value, bool) != (kind is bool) or not isinstance(value, (int, float) if kind is float else kind):
+    if not is_of_type(value, kind):
         raise GrokquantError(f"{path}: {key} must be {_KIND_WORDS[kind]}, got {value!r}")
     return float(value) if kind is float else value
 
@@ -175,17 +175,15 @@ def _fields(path: Path, raw: dict, types: dict[str, type], prefix: str = "") -> 
     return {k: _typed(path, prefix + k, v, types[k]) for k, v in raw.items() if k in types and v is not None}
 
 
-INT_CONFIG_TYPES = {"bits": int, "group_size": int, "sym": bool, "act_order": bool, "static_groups": bool,
-                    "damp": float, "block_size": int}
 CALIBRATION_TYPES = {"min_tokens": int, "under_covered": str, "sequential": bool}
 
 
 def _int_config(path: Path, cls: str, raw) -> IntQuantConfig | None:
     if raw is None:
         return None
-    if not isinstance(raw, dict) or set(raw) - set(INT_CONFIG_TYPES):
-        raise GrokquantError(f"{path}: {cls} takes {', '.join(sorted(INT_CONFIG_TYPES))}")
-    config = IntQuantConfig(**_fields(path, raw, INT_CONFIG_TYPES, f"{cls}."))
+    if not isinstance(raw, dict) or set(raw) - set(FIELD_TYPES):
+        raise GrokquantError(f"{path}: {cls} takes {', '.join(sorted(FIELD_TYPES))}")
+    config = IntQuantConfig(**_fields(path, raw, FIELD_TYPES, f"{cls}."))
     if config.group_size != -1 and config.group_size < 1:
         raise GrokquantError(f"{path}: {cls}.group_size must be -1 (one group per row) or positive, got "
                              f"{config.group_size}")

@@ -39,16 +39,18 @@ def generate(path: str | Path, prompt: str, max_new_tokens: int = 32, chat: bool
     text = format_chat([{"role": "user", "content": prompt}]) if chat else prompt
     device_map, max_memory = device_placement(device, gpu_memory, cpu_memory)  # bad sizes refused first
     source = open_source(path)
-    tok = source.tokenizer()
-    ids = tok.encode(text)
-    context = source.config.max_position_embeddings
-    if not ids:
+    try:
+        tok = source.tokenizer()
+        ids = tok.encode(text)
+        context = source.config.max_position_embeddings
+        if not ids:
+            raise GrokquantError("the prompt is empty: give some text (or --chat, which adds the chat template)")
+        if not 0 <= max_new_tokens <= context - len(ids):
+            raise GrokquantError(f"--max-new-tokens {max_new_tokens}: between 0 and {context - len(ids)} (the "
+                                 f"model's context of {context} tokens less the prompt's {len(ids)})")
+    except BaseException:
         source.close()
-        raise GrokquantError("the prompt is empty: give some text (or --chat, which adds the chat template)")
-    if not 0 <= max_new_tokens <= context - len(ids):
-        source.close()
-        raise GrokquantError(f"--max-new-tokens {max_new_tokens}: between 0 and {context - len(ids)} (the model's "
-                             f"context of {context} tokens less the prompt's {len(ids)})")
+        raise
     if engine == "llama.cpp":
         source.close()  # llama.cpp reads the file itself
         if source.kind != "gguf":
