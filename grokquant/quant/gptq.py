@@ -14,6 +14,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from grokquant.gptq.layout import MIN_ZERO
+from grokquant.quant.cholesky import reversed_cholesky_
 
 
 @dataclass(frozen=True)
@@ -111,24 +112,41 @@ def rtn(W: torch.Tensor, cfg: IntQuantConfig) -> IntQuantized:
                         g_idx)
 
 
-def upper_cholesky_of_inverse(H: torch.Tensor) -> torch.Tensor:
-    """U with UᵀU = H⁻¹ (H damped), computed in H's own storage: no second in×in matrix (a 32768-wide
-    Hessian is 4.3 GB)."""
-    torch.linalg.cholesky(H, out=H)
-    torch.cholesky_inverse(H, out=H)
-    return torch.linalg.cholesky(H, upper=True, out=H)
+def column_weights(H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """H [B, n, n] (damped, overwritten) -> (G, r): R upper with H = R Rᵀ, r = diag R, and G = R with each
+    column j divided by r_j, in H's storage. Column j's GPTQ target is its weight plus Σ_{k<j} (w_k − ŵ_k) G_kj."""
+    R = reversed_cholesky_(H)
+    r = torch.diagonal(R, dim1=1, dim2=2).clone()
+    return R.div_(r[:, None, :]), r
+
+
+def reference_targets(T: torch.Tensor, W: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    """Columns [B, out, k] that start a group (or block), as the paper's update holds them at that point,
+    from their partial targets T, original weights W and their block of G [B, k, k].
+
+    The paper's columns ahead are the best continuous weights given the columns already rounded,
+    w + Σ_{i<c} err_i U_i; T − W is the same sum through R, which still lacks the coupling among the
+    columns ahead. Their leading block of R (= U⁻¹) supplies it: the paper's values are
+    W + (T − W) G⁻¹ (G unit upper triangular), one small triangular solve per group."""
+    return torch.linalg.solve_triangular(G, T - W, upper=True, left=False, unitriangular=True).add_(W)
 
 
 @torch.no_grad()
 def gptq(W: torch.Tensor, H: torch.Tensor, cfg: IntQuantConfig, overwrite_h: bool = False) -> IntQuantized:
     """GPTQ (Frantar et al. 2022) for a stack of matrices with their own Hessians.
 
+    The paper spreads column c's error through U, the upper Cholesky factor of H⁻¹:
+    err_c = (t_c − ŵ_c) / U_cc, t_{>c} −= err_c · U_{c,>c}. Summed over the columns that is
+    W − Ŵ = Err · U, and since U⁻¹ = R (H = R Rᵀ, quant/cholesky.py) each target is
+    t_j = w_j + Σ_{k<j} (w_k − ŵ_k) R_kj / R_jj: the same recursion (Babai's nearest plane, as Chen et al.
+    2025, arXiv:2507.18553, observe) from one factorisation of H, no inverse. err_j = (t_j − ŵ_j) R_jj.
+
     overwrite_h: factorise H (float32) in its own storage instead of a copy, for callers done with it
     (a 32768-wide Hessian is 4.3 GB). The result's hessian_error is measured on H as given.
     """
     B, rows, cols = W.shape
     W0 = W
-    W = W.to(torch.float32, copy=True)
+    W = W.to(torch.float32, copy=True)  # the targets t
     H = H if overwrite_h and H.dtype == torch.float32 else H.float().clone()
     gs = cols if cfg.group_size == -1 else cfg.group_size
     n_groups = -(-cols // gs)
@@ -151,7 +169,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, cfg: IntQuantConfig, overwrite_h: boo
     damp = cfg.damp * torch.diagonal(H, dim1=1, dim2=2).mean(-1)
     H.diagonal(dim1=1, dim2=2).add_(damp[:, None])
     added = torch.gather(dead.float(), 1, perm) + damp[:, None]  # [B, cols] what the diagonal gained
-    Hinv = upper_cholesky_of_inverse(H)  # H is overwritten
+    G, r = column_weights(H)  # H is overwritten
     # Σ err² over the columns is the objective on the damped H (each OBS step adds exactly its err²);
     # the added diagonal's share Σ added·(ŵ − w)² comes off to give the error on H itself
     objective = torch.zeros(B, dtype=torch.float64, device=W.device)
@@ -167,31 +185,37 @@ def gptq(W: torch.Tensor, H: torch.Tensor, cfg: IntQuantConfig, overwrite_h: boo
     orig_group = perm // gs  # group of each processed column when groups follow the original order
     for i1 in range(0, cols, cfg.block_size):
         i2 = min(i1 + cfg.block_size, cols)
-        W1 = W[:, :, i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[:, i1:i2, i1:i2]
+        T1 = W[:, :, i1:i2].clone()  # the block's targets
+        W1 = torch.gather(W0, 2, perm[:, None, i1:i2].expand(-1, rows, -1)).float()  # its original weights
+        D1 = torch.empty_like(T1)  # w − ŵ
+        E1 = torch.empty_like(T1)  # t − ŵ
+        G1 = G[:, i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
             if cfg.static_groups:
                 g = orig_group[:, col]
                 scale, zero = scales[batch, g], zeros[batch, g]
             elif col % gs == 0:  # a new group: parameters from the error-compensated columns ahead
-                ahead = W1[:, :, i:i + gs]
+                ahead, orig = T1[:, :, i:i + gs], W1[:, :, i:i + gs]
                 if ahead.shape[2] < gs:  # the group runs past this block
-                    ahead = torch.cat([ahead, W[:, :, i2:i2 + gs - ahead.shape[2]]], dim=2)
+                    rest = slice(i2, col + gs)
+                    ahead = torch.cat([ahead, W[:, :, rest]], dim=2)
+                    orig = torch.cat([orig, torch.gather(W0, 2, perm[:, None, rest].expand(-1, rows, -1)).float()], 2)
+                if col:
+                    ahead = reference_targets(ahead, orig, G[:, col:col + gs, col:col + gs])
                 scale, zero = group_params(ahead, cfg)
                 scales[:, col // gs], zeros[:, col // gs] = scale, zero
-            w = W1[:, :, i]
-            q = quantize_codes(w, scale, zero, cfg.maxq)
+            t = T1[:, :, i]
+            q = quantize_codes(t, scale, zero, cfg.maxq)
             codes[:, :, col] = q
-            wq = scale * (q - zero)
-            err = (w - wq) / Hinv1[:, i, i][:, None]
-            W1[:, :, i:] -= err[:, :, None] * Hinv1[:, i, i:][:, None, :]
-            Err1[:, :, i] = err
-            w0 = W0[batch, :, perm[:, col]].float()  # [B, rows]: the original column
-            added_share += added[:, col] * (wq - w0).pow(2).sum(1, dtype=torch.float64)
-        objective += Err1.pow(2).sum((1, 2), dtype=torch.float64)
-        W[:, :, i2:] -= Err1 @ Hinv[:, i1:i2, i2:]
+            wq = q.sub_(zero).mul_(scale)
+            torch.sub(t, wq, out=E1[:, :, i])
+            d = torch.sub(W1[:, :, i], wq, out=D1[:, :, i])
+            if i + 1 < i2 - i1:
+                T1[:, :, i + 1:].addcmul_(d[:, :, None], G1[:, None, i, i + 1:])
+        objective += E1.mul_(r[:, None, i1:i2]).pow_(2).sum((1, 2), dtype=torch.float64)
+        added_share += (added[:, i1:i2] * D1.pow(2).sum(1)).sum(1, dtype=torch.float64)
+        W[:, :, i2:].baddbmm_(D1, G[:, i1:i2, i2:])
 
     if cfg.act_order:
         inv = torch.argsort(perm, dim=1)

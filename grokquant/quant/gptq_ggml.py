@@ -29,7 +29,7 @@ from typing import NamedTuple
 import torch
 
 from grokquant.quant.ggml.base import QUANTIZERS, Quantizer
-from grokquant.quant.gptq import upper_cholesky_of_inverse
+from grokquant.quant.cholesky import upper_cholesky_of_inverse
 
 
 def ggml_rtn(W: torch.Tensor, type_name: str, importance: torch.Tensor | None = None) -> torch.Tensor:
