@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 import torch
 
+from grokquant.quant.ggml import iq3
 from grokquant.quant.ggml.base import QUANTIZERS
+from grokquant.quant.ggml.iq_grids import grid
 from grokquant.quant.ggml.reference import ggml_quantize
 from ggml_cases import compare, imatrix, random_blocks, edge_matrix as edge_cases
 
@@ -59,6 +61,33 @@ def test_constant_and_zero_rows(name):
     x[8] = np.float32(1e-39) * np.arange(512)  # subnormal
     x[9] = np.linspace(-8, 8, 512, dtype=np.float32)
     for imat in [None, np.ones(512, np.float32), np.zeros(512, np.float32), imatrix(512, seed=3)]:
+        assert compare(name, x, imat) == 1.0
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_neighbour_strips_are_ggml_lists_padded_with_their_first_point(name):
+    """The kernel scores padded strips and keeps the first least score: a pad must be a copy of the list's
+    first point (it ties with it and loses), and the listed points must keep ggml's order."""
+    index, first, nbr_point, nbr_q, values = iq3._tables(name)
+    nb = grid(name).neighbours.numpy()
+    for u in range(len(index)):
+        want = nb[u][nb[u] >= 0]
+        got = nbr_point[first[u]:first[u + 1]].ravel()
+        assert len(got) == -(-len(want) // iq3.LANES) * iq3.LANES
+        np.testing.assert_array_equal(got[:len(want)], want)
+        assert (got[len(want):] == want[:1]).all()
+    np.testing.assert_array_equal(nbr_q.transpose(0, 2, 1).reshape(-1, 4), values[nbr_point.ravel()])
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_tied_neighbour_scores_match_ggml(name):
+    """Magnitudes on a coarse lattice with equal weights: many listed neighbours score exactly alike, so the
+    first of equal scores (over several strips for long lists) decides, as C's strict `<` does."""
+    rng = np.random.default_rng(5)
+    x = (rng.integers(1, 16, (64, 1024)) * rng.choice([-0.25, 0.25], (64, 1024))).astype(np.float32)
+    x[:16] *= np.float32(1e-3)
+    x[16:32, ::3] = 3.75  # repeated large values: high levels, the longest neighbour lists
+    for imat in [None, np.ones(1024, np.float32), imatrix(1024, seed=6)]:
         assert compare(name, x, imat) == 1.0
 
 

@@ -41,6 +41,27 @@ def bits(typingctx, v):
     return None
 
 
+@numba.extending.intrinsic
+def borrowed(typingctx, arr):
+    """The same array without its reference count (a null meminfo): every use numba reference-counts, such as
+    passing it to an inlined helper (two atomic operations a call, which can cost more than the helper's
+    work), then does nothing. Only for arrays something else keeps alive while it is used: a kernel's
+    arguments, which its caller holds."""
+    if not isinstance(arr, numba.types.Array):
+        return None
+
+    def codegen(context, builder, sig, args):
+        src = context.make_array(arr)(context, builder, value=args[0])
+        dst = context.make_array(arr)(context, builder)
+        for field in ("data", "shape", "strides", "itemsize", "nitems"):
+            setattr(dst, field, getattr(src, field))
+        dst.meminfo = llvmlite.ir.Constant(dst.meminfo.type, None)
+        dst.parent = llvmlite.ir.Constant(dst.parent.type, None)
+        return dst._getvalue()
+
+    return arr(arr), codegen
+
+
 IMAX = np.int32(0x7FFFFFFF)
 INF_BITS = np.int32(0x7F800000)
 

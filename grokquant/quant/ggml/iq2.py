@@ -16,7 +16,8 @@ trials of a group are rounded first in one branch-free loop (exact while |id*x| 
 trick per octet, as before). A trial whose octets land on the same points (on or off the grid alike) as the
 trial before it has the same fit sums, so its fit and test are skipped: had the earlier trial been rejected,
 the best has not moved and this one is rejected too; had it been accepted, accepting the same sums again
-writes the same scale, best, levels and points. No byte depends on these shortcuts.
+writes the same scale, best, levels and points. No byte depends on these shortcuts. The tables enter the
+kernel `borrowed` (compiled.py): the inlined helpers would otherwise reference-count them at every octet.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ import numpy as np
 import torch
 
 from grokquant.quant.ggml.base import Quantizer, fp16_from_bytes
-from grokquant.quant.ggml.compiled import F32, inline, kernel, make_qp_quants, nearest_int_bits, octet_signs
+from grokquant.quant.ggml.compiled import (F32, borrowed, inline, kernel, make_qp_quants, nearest_int_bits,
+                                           octet_signs)
 from grokquant.quant.ggml.iq_grids import grid
 
 QK_K = 256
@@ -175,6 +177,8 @@ def _quantize(x, qw, use_qw, kind, nums, out, d, kmap, start, length, flat, slot
     """quantize_row_iq2_{xxs,xs,s}_impl (kind 0, 1, 2) over blocks x [nb, 256] (weights qw if use_qw) -> the
     blocks' bytes in out [nb, block_bytes], but for the fp16 scale (bytes 0, 1), which goes to d [nb] as float32.
     Returns -1, or the first block where ggml would abort (no neighbour scored below FLT_MAX)."""
+    kmap, start, length, flat, slots, codes = (borrowed(kmap), borrowed(start), borrowed(length), borrowed(flat),
+                                               borrowed(slots), borrowed(codes))
     G = 32 if kind == 0 else 16
     ngroups = QK_K // G
     nk = G // 8

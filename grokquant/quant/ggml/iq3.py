@@ -5,9 +5,13 @@ quantize_row_iq3_xxs_impl / quantize_row_iq3_s_impl per block in C's order and C
 its sign), 31 (XXS) or 19 (S) trial inverse scales, each group of 32 rounded quad by quad onto the 256- or
 512-point grid (off the grid: iq3_find_best_neighbour over ggml's neighbour list), the trial with the best
 `sumqx^2 / sumq2` kept, off-grid quads requantized at its scale, then the 4-bit group scales.
-What differs from C is only what is computed once: the fit sums of a trial resume after the leading quads
-whose points equal the previous trial's (the same float additions in the same order give the same partial
-sums), and every trial's levels are rounded in one branch-free loop.
+What differs from C is only what is computed once or side by side: the fit sums of a trial resume after the
+leading quads whose points equal the previous trial's (the same float additions in the same order give the
+same partial sums), and every trial's levels are rounded in one branch-free loop. The neighbour search scores
+its list in strips of LANES points in SIMD lanes (each lane C's float ops in C's order; lists padded with
+copies of their first point, which tie with it and so are never kept), then takes the least score (a min is
+exact in any order) and the first listed point holding it: C's "first strictly better than the best so far"
+from FLT_MAX picks exactly that point. The requantization at the chosen scale runs as one more trial row.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import numpy as np
 import torch
 
 from grokquant.quant.ggml.base import Quantizer, fp16_bytes, fp16_from_bytes
-from grokquant.quant.ggml.compiled import F32, kernel, nearest_int_bits, octet_signs
+from grokquant.quant.ggml.compiled import F32, inline, kernel, nearest_int_bits, octet_signs
 from grokquant.quant.ggml.iq_grids import grid
 
 QK_K = 256
@@ -26,53 +30,102 @@ XXS_EPS = F32(1e-8)  # GROUP_MAX_EPS_IQ3_XXS
 FLT_MAX = F32(np.finfo(np.float32).max)
 
 
+LANES = 16  # neighbours scored side by side: a list is padded to whole strips of LANES
+
+
 @lru_cache(maxsize=None)
 def _tables(name: str):
-    """(index, start, nbr_point, nbr_q, grid_q) numpy arrays."""
+    """(index, first, nbr_point, nbr_q, grid_q) numpy arrays: word u's neighbour list in strips
+    first[u]:first[u+1] of LANES entries, nbr_point [strips, LANES] its grid points in ggml's order, nbr_q
+    [strips, 4, LANES] their odd values per coordinate as int8 (C's grid type; a strip is one 64-byte cache
+    line, and the table stays in L2). A list is padded with copies of its first point: a copy
+    scores exactly as that point, and the search keeps the first of equal scores, so no copy is ever picked."""
     g = grid(name)
     index = g.index.numpy().astype(np.int32)
-    nb = g.neighbours.numpy()
+    nb = g.neighbours.numpy().astype(np.int32)
     count = (nb >= 0).sum(1)
-    start = np.zeros(len(index) + 1, np.int32)
-    start[1:] = np.cumsum(count)
-    flat = nb[nb >= 0].astype(np.int32)
+    strips = -(-count // LANES)
+    first = np.zeros(len(index) + 1, np.int32)
+    first[1:] = np.cumsum(strips)
+    width = -(-nb.shape[1] // LANES) * LANES
+    padded = np.repeat(nb[:, :1], width, axis=1)
+    padded[:, :nb.shape[1]] = np.where(nb >= 0, nb, nb[:, :1])
+    used = np.arange(width // LANES) < strips[:, None]  # [words, strips of the widest list]
+    nbr_point = padded.reshape(len(nb), -1, LANES)[used]
     values = np.ascontiguousarray(g.values.numpy(), dtype=np.float32)
-    nbr_q = np.ascontiguousarray(values[flat].T)
-    return index, start, flat, nbr_q, values
+    nbr_q = np.ascontiguousarray(values[nbr_point].transpose(0, 2, 1).astype(np.int8))
+    return index, first, nbr_point, nbr_q, values
 
 
-@kernel
-def _best_neighbour(u, x0, x1, x2, x3, w0, w1, w2, w3, s, start, nbr_point, nbr_q, d2):
-    a = start[u]
-    n = start[u + 1] - a
-    q0, q1, q2, q3 = nbr_q[0], nbr_q[1], nbr_q[2], nbr_q[3]
-    for j in range(n):
-        t0 = s * q0[a + j] - x0
-        t1 = s * q1[a + j] - x1
-        t2 = s * q2[a + j] - x2
-        t3 = s * q3[a + j] - x3
-        d = w0 * t0 * t0
-        d += w1 * t1 * t1
-        d += w2 * t2 * t2
-        d += w3 * t3 * t3
-        d2[j] = d
-    best = FLT_MAX
-    bj = 0
-    for j in range(n):
-        if d2[j] < best:
-            best = d2[j]
-            bj = j
-    return nbr_point[a + bj]
+@inline
+def _levels(xval, ids, Lv, t):
+    """Row t of Lv: C's levels MAX(0, MIN(7, nearest_int(0.5f*(id*x - 1)))) at id = ids[t] (branch-free)."""
+    for i in range(32):
+        Lv[t, i] = max(0, min(7, nearest_int_bits(F32(0.5) * (ids[t] * xval[i] - F32(1)))))
 
 
-@kernel
-def _word(xval, o, id_):
-    u = 0
-    for i in range(4):
-        l = nearest_int_bits(F32(0.5) * (id_ * xval[o + i] - F32(1)))
-        l = max(0, min(7, l))
-        u |= l << (3 * i)
-    return u
+@inline
+def _least(d2, ns, lane):
+    """The least non-NaN value of d2[:ns] (inf if none): per lane over the strips, then over the LANES = 16
+    lanes in a tree of four halvings (SIMD; a min is exact, so its order does not matter)."""
+    for j in range(LANES):
+        lane[j] = np.inf
+    for m in range(ns):
+        for j in range(LANES):
+            v = d2[m, j]
+            lane[j] = v if v < lane[j] else lane[j]
+    for j in range(8):
+        lane[j] = lane[j + 8] if lane[j + 8] < lane[j] else lane[j]
+    for j in range(4):
+        lane[j] = lane[j + 4] if lane[j + 4] < lane[j] else lane[j]
+    for j in range(2):
+        lane[j] = lane[j + 2] if lane[j + 2] < lane[j] else lane[j]
+    return lane[1] if lane[1] < lane[0] else lane[0]
+
+
+@inline
+def _points(xval, waux, Lv, sv, t0, t1, quads, index, first, nbr_point, nbr_q, P, ON, d2, lane):
+    """Rows t0:t1 of Lv onto the grid for the quads in bitmask `quads`: P[t, k] the grid point (off the grid:
+    iq3_find_best_neighbour at scale sv[t]), ON[t, k] whether the word was on the grid.
+
+    The neighbour search scores each strip of LANES listed points in SIMD lanes (every lane C's float ops in
+    C's order), then keeps the first point of least score below FLT_MAX (C: `d2 < best` from FLT_MAX; none
+    below it: the first point). It is written out here rather than in a helper called per word: numba
+    reference-counted that helper's array arguments at every call (two atomic operations each), which cost
+    more than the search."""
+    for k in range(8):
+        if not (quads >> k) & 1:
+            continue
+        o = 4 * k
+        x0, x1, x2, x3 = xval[o], xval[o + 1], xval[o + 2], xval[o + 3]
+        w0, w1, w2, w3 = waux[o], waux[o + 1], waux[o + 2], waux[o + 3]
+        for t in range(t0, t1):
+            u = Lv[t, o] | (Lv[t, o + 1] << 3) | (Lv[t, o + 2] << 6) | (Lv[t, o + 3] << 9)
+            p = index[u]
+            ON[t, k] = p >= 0
+            if p < 0:
+                s = sv[t]
+                a = first[u]
+                ns = first[u + 1] - a
+                for m in range(ns):
+                    for j in range(LANES):
+                        q0 = s * F32(nbr_q[a + m, 0, j]) - x0
+                        q1 = s * F32(nbr_q[a + m, 1, j]) - x1
+                        q2 = s * F32(nbr_q[a + m, 2, j]) - x2
+                        q3 = s * F32(nbr_q[a + m, 3, j]) - x3
+                        d = w0 * q0 * q0
+                        d += w1 * q1 * q1
+                        d += w2 * q2 * q2
+                        d += w3 * q3 * q3
+                        d2[m, j] = d
+                p = nbr_point[a, 0]
+                least = _least(d2, ns, lane)
+                if least < FLT_MAX:
+                    for m in range(ns * LANES):
+                        if d2[m // LANES, m % LANES] == least:
+                            p = nbr_point[a + m // LANES, m % LANES]
+                            break
+            P[t, k] = p
 
 
 @kernel
@@ -88,31 +141,20 @@ def _sums(pts, weight, wx, grid_q):
 
 
 @kernel
-def _search(xval, weight, waux, mx, lo, hi, xxs, index, start, nbr_point, nbr_q, grid_q, P, ON, best_pts, d2):
+def _search(xval, weight, waux, mx, lo, hi, xxs, index, first, nbr_point, nbr_q, grid_q, P, ON, best_pts, d2,
+            lane, wx, ids, sv, Lv, SQX, SQ2):
+    """One group's trials -> its scale (best_pts gets its points). Scratch from the caller (an allocation per
+    group costs more than the group's rounding): wx [32]; per trial t (and row T for the requantization) ids
+    the inverse scale, sv the scale C passes to the neighbour search, Lv [T + 1, 32] the levels, P, ON
+    [T + 1, 8] as `_points`; SQX, SQ2 [9] the fit sums after each quad (index 0 holds 0)."""
     T = hi - lo + 1
-    wx = np.empty(32, np.float32)
     for i in range(32):
         wx[i] = weight[i] * xval[i]
-    ids = np.empty(T, np.float32)
-    Lv = np.empty((T, 32), np.int32)
-    SQX = np.zeros(9, np.float32)  # partial sums after each quad
-    SQ2 = np.zeros(9, np.float32)
     for t in range(T):
         ids[t] = (F32(15) + F32(lo + t) * F32(0.2)) / mx
-    for t in range(T):  # the levels of every trial (branch-free: vectorized)
-        for i in range(32):
-            Lv[t, i] = max(0, min(7, nearest_int_bits(F32(0.5) * (ids[t] * xval[i] - F32(1)))))
-    for k in range(8):
-        o = 4 * k
-        x0, x1, x2, x3 = xval[o], xval[o + 1], xval[o + 2], xval[o + 3]
-        w0, w1, w2, w3 = waux[o], waux[o + 1], waux[o + 2], waux[o + 3]
-        for t in range(T):
-            u = Lv[t, o] | (Lv[t, o + 1] << 3) | (Lv[t, o + 2] << 6) | (Lv[t, o + 3] << 9)
-            p = index[u]
-            ON[t, k] = p >= 0
-            if p < 0:
-                p = _best_neighbour(u, x0, x1, x2, x3, w0, w1, w2, w3, F32(1) / ids[t], start, nbr_point, nbr_q, d2)
-            P[t, k] = p
+        sv[t] = F32(1) / ids[t]
+        _levels(xval, ids, Lv, t)
+    _points(xval, waux, Lv, sv, 0, T, 255, index, first, nbr_point, nbr_q, P, ON, d2, lane)
     best = F32(0)
     scale = mx / F32(15)
     pick = -1
@@ -139,24 +181,22 @@ def _search(xval, weight, waux, mx, lo, hi, xxs, index, start, nbr_point, nbr_q,
             scale = sumqx / sumq2
             best = scale * sumqx
             pick = t
-    n_off = 0
+    redo = 0  # the quads C requantizes at the chosen scale: IQ3_XXS those off the grid, IQ3_S all (if any is)
     for k in range(8):
         best_pts[k] = index[0] if pick < 0 else P[pick, k]
         on = xxs if pick < 0 else ON[pick, k]
         if not on:
-            n_off += 1
-    if n_off > 0 and scale > 0:
-        id_ = F32(1) / scale
+            redo |= 1 << k
+    if redo and scale > 0:
+        if not xxs:
+            redo = 255
+        ids[T] = F32(1) / scale
+        sv[T] = scale
+        _levels(xval, ids, Lv, T)
+        _points(xval, waux, Lv, sv, T, T + 1, redo, index, first, nbr_point, nbr_q, P, ON, d2, lane)
         for k in range(8):
-            if xxs and (pick < 0 or ON[pick, k]):
-                continue
-            o = 4 * k
-            u = _word(xval, o, id_)
-            p = index[u]
-            if p < 0:
-                p = _best_neighbour(u, xval[o], xval[o + 1], xval[o + 2], xval[o + 3], waux[o], waux[o + 1],
-                                    waux[o + 2], waux[o + 3], scale, start, nbr_point, nbr_q, d2)
-            best_pts[k] = p
+            if (redo >> k) & 1:
+                best_pts[k] = P[T, k]
         sumqx, sumq2 = _sums(best_pts, weight, wx, grid_q)
         if sumq2 > 0:
             scale = sumqx / sumq2
@@ -164,20 +204,28 @@ def _search(xval, weight, waux, mx, lo, hi, xxs, index, start, nbr_point, nbr_q,
 
 
 @kernel
-def _iq3_blocks(x, qw, use_qw, out, dsc, xxs, index, start, nbr_point, nbr_q, grid_q):
+def _iq3_blocks(x, qw, use_qw, out, dsc, xxs, index, first, nbr_point, nbr_q, grid_q):
     nb = x.shape[0]
     weight = np.empty(32, np.float32)
     waux = np.empty(32, np.float32)
     xval = np.empty(32, np.float32)
-    P = np.empty((31, 8), np.int32)
-    ON = np.empty((31, 8), np.bool_)
+    P = np.empty((32, 8), np.int32)
+    ON = np.empty((32, 8), np.bool_)
     best_pts = np.empty(8, np.int32)
-    d2 = np.empty(64, np.float32)
+    d2 = np.empty((-(-64 // LANES), LANES), np.float32)
+    lane = np.empty(LANES, np.float32)
+    wx = np.empty(32, np.float32)
+    ids = np.empty(32, np.float32)
+    sv = np.empty(32, np.float32)
+    Lv = np.empty((32, 32), np.int32)
+    SQX = np.zeros(9, np.float32)
+    SQ2 = np.zeros(9, np.float32)
     signs = np.empty(4, np.int64)
     scales = np.empty(8, np.float32)
     skip = np.empty(8, np.bool_)
     lo = -15 if xxs else -9
     for b in range(nb):
+        xb = x[b]
         out[b, :] = 0
         sumx2 = F32(0)
         for i in range(QK_K):
@@ -195,7 +243,7 @@ def _iq3_blocks(x, qw, use_qw, out, dsc, xxs, index, start, nbr_point, nbr_q, gr
                     weight[i] = xi * xi
                 waux[i] = np.sqrt(weight[i])
             for k in range(4):
-                s = octet_signs(x[b], o + 8 * k, weight, xval, 8 * k, xxs)
+                s = octet_signs(xb, o + 8 * k, weight, xval, 8 * k, xxs)
                 signs[k] = s & 127 if xxs else s
             mx = xval[0]
             for i in range(1, 32):
@@ -204,8 +252,8 @@ def _iq3_blocks(x, qw, use_qw, out, dsc, xxs, index, start, nbr_point, nbr_q, gr
             if skip[ib]:
                 scales[ib] = 0
                 continue
-            scale = _search(xval, weight, waux, mx, lo, -lo, xxs, index, start, nbr_point, nbr_q, grid_q,
-                            P, ON, best_pts, d2)
+            scale = _search(xval, weight, waux, mx, lo, -lo, xxs, index, first, nbr_point, nbr_q, grid_q,
+                            P, ON, best_pts, d2, lane, wx, ids, sv, Lv, SQX, SQ2)
             if scale < 0:
                 scale = -scale
                 for k in range(4):
