@@ -1,8 +1,8 @@
 """Integer weight quantization: round-to-nearest and GPTQ, batched over a stack of matrices.
 
 Every function takes W [B, out, in] (B = the 8 experts of one projection, or 1) and, for GPTQ, the
-Hessians H [B, in, in] = Σxxᵀ of each matrix's own inputs. One batched Cholesky per projection;
-the column loop runs once for the whole batch. Quantization groups run along the input dimension;
+Hessians H [B, in, in] = Σxxᵀ of each matrix's own inputs. One in-place factorisation per Hessian
+(quant/cholesky.py); the column loop runs once for the whole batch. Quantization groups run along the input dimension;
 codes are unsigned q in [0, 2^bits - 1] with W ≈ scale · (q - zero), the grid of the GPTQ paper's
 reference quantizer (Frantar et al. 2022, arXiv:2210.17323) and of auto-gptq's checkpoints.
 """
