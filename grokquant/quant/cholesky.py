@@ -6,10 +6,10 @@ the 32768-wide down projection). U⁻¹ = R is the factor of H itself with rows 
 (H = J L Lᵀ J for the Cholesky L of JHJ, J the reversal, so R = JLJ), and GPTQ's column recursion can be
 written in R alone (quant/gptq.py): one factorisation, n³/3 flops, 4x less than the reference.
 
-On CPU the factorisation calls LAPACK's spotrf in place (and strtri for U = R⁻¹), from the LAPACK torch itself links (MKL in the
-x86 wheels), which also follows torch's thread setting: torch.linalg.cholesky(out=H) copies the matrix
-and took 2.3x as long at n = 4096 on one core. Elsewhere (CUDA, a torch without exported LAPACK symbols)
-torch.linalg.cholesky is used.
+On CPU the factorisation calls LAPACK's spotrf in place (and strtri for U = R⁻¹), from the LAPACK
+torch itself links (MKL in the x86 wheels), which also follows torch's thread setting:
+torch.linalg.cholesky(out=H) copies the matrix and took 2.3x as long at n = 4096 on one core. Elsewhere
+(CUDA, a torch without exported LAPACK symbols) torch.linalg.cholesky is used.
 """
 
 from __future__ import annotations
