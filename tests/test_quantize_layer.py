@@ -1,11 +1,13 @@
 """A layer's work items: which stack may consume which Hessian, and the errors reported for each stack."""
 
+import pytest
 import torch
 
 from grokquant.calibrate.statistics import LayerStats
 from grokquant.grok.config import expert_name
 from grokquant.quant.gptq import rtn
-from grokquant.quantize.items import Item, build_stack, last_uses, layer_items, quantize_int, stats_groups
+from grokquant.quantize.items import (Item, build_stack, last_uses, layer_items, quantize_int, stats_groups,
+                                      symmetric_form)
 from grokquant.quantize.recipe import GPTQRecipe
 from grokquant.grok.synth import synth_config
 
@@ -70,3 +72,18 @@ def test_a_shared_hessian_is_left_in_place():
     assert not s.owns_h
     quantize_int(Item(8, proj="w1", experts=(3, 4)), s, GPTQRecipe(), "cpu")
     assert torch.equal(stats.hessian["expert3_w13"], before)  # w3 still needs it
+
+
+@pytest.mark.parametrize("shape", [(2, 37, 1100), (1, 5, 512), (3, 64, 96)])
+def test_the_symmetric_form_is_the_trace_from_the_lower_triangle(shape):
+    """The report's error tr(D H Dᵀ) from H's lower triangle equals the full product in float64, and
+    nothing above the diagonal is read (a block edge inside and outside the matrix is covered)."""
+    B, rows, cols = shape
+    g = torch.Generator().manual_seed(cols)
+    D = torch.randn(B, rows, cols, generator=g)
+    X = torch.randn(B, 2 * cols, cols, generator=g)
+    H = X.transpose(1, 2) @ X
+    expected = ((D.double() @ H.double()) * D.double()).sum((1, 2))
+    upper_garbage = H.tril() + torch.triu(torch.full_like(H, float("nan")), 1)
+    got = symmetric_form(D, upper_garbage, block=256)
+    assert torch.allclose(got, expected, rtol=1e-5), (got, expected)
