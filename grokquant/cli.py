@@ -166,11 +166,11 @@ def convert(checkpoint, output, ftype, recipe, rope, imatrix, split_max_size, na
     tensors = []
     bar = None  # created once the plan is checked, so refusals print no empty bar
 
-    def planned(plan):
+    def planned(plan, done_bytes):
         nonlocal bar
         tensors.extend(plan)
-        bar = tqdm(total=sum(t.nbytes for t in plan), unit="B", unit_scale=True, desc=f"convert {rec.name}",
-                   file=sys.stderr)
+        bar = tqdm(total=sum(t.nbytes for t in plan), initial=done_bytes, unit="B", unit_scale=True,
+                   desc=f"convert {rec.name}", file=sys.stderr)  # the rate and ETA count this run's bytes only
 
     def progress(t, nbytes):
         bar.set_postfix_str(f"{t.name} {t.type.name}", refresh=False)

@@ -86,3 +86,54 @@ def test_expert_without_tokens_is_reported(tmp_path):
     entries = imatrix_entries(stats[0], 8)
     assert entries["blk.0.ffn_gate_exps.weight"][1][5] == 0
     assert torch.isfinite(entries["blk.0.ffn_gate_exps.weight"][0]).all()
+
+
+KILLED_AFTER_LAYER_0 = """
+import os, signal, sys
+from grokquant.io.layer_work import LayerWork
+real = LayerWork.commit
+def commit(self, state, *args):
+    real(self, state, *args)
+    os.kill(os.getpid(), signal.SIGKILL)  # no cleanup runs
+LayerWork.commit = commit
+from grokquant.cli import main
+main(prog_name="grokquant")
+"""
+
+
+def test_calibrate_resumes_after_kill_9_with_the_same_bytes(tiny_tp8, tmp_path, monkeypatch):
+    """kill -9 after layer 0 is kept; the re-run starts at layer 1 (the embedding is never run again) and
+    writes the statistics and the imatrix of an uninterrupted run."""
+    import subprocess
+    import sys
+
+    from grokquant.calibrate.statistics import calibrate
+    from grokquant.data.documents import calibration_tokens
+    from grokquant.grok.streaming import LayerStreamer
+    from grokquant.grok.tokenizer import load_tokenizer
+
+    args = ["calibrate", str(tiny_tp8), "-o", str(tmp_path / "s.safetensors"), "--imatrix",
+            str(tmp_path / "i.gguf"), "--hessians", "--tokens", "256", "--seq-len", "64"]
+    killed = subprocess.run([sys.executable, "-c", KILLED_AFTER_LAYER_0, *args], capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    work = tmp_path / ".s.safetensors.partial"
+    assert not (tmp_path / "s.safetensors").exists() and (work / "progress.json").exists()
+
+    tok = load_tokenizer(Checkpoint.open(tiny_tp8).tokenizer_path)
+    tokens = calibration_tokens(tok, "builtin", 256, 64)
+
+    def no_embedding(*a, **k):
+        raise AssertionError("the resumed run embedded the tokens again")
+
+    monkeypatch.setattr(LayerStreamer, "embed", no_embedding)
+    calibrate(tiny_tp8, tmp_path / "s.safetensors", tokens, imatrix_out=tmp_path / "i.gguf", hessians=True,
+              dataset="builtin", metadata={"seed": 0, "chat": False})
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["i.gguf", "s.safetensors"]
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    done = subprocess.run([sys.executable, "-m", "grokquant", *args[:2], "-o", str(clean / "s.safetensors"),
+                           "--imatrix", str(clean / "i.gguf"), *args[6:]], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for name in ("s.safetensors", "i.gguf"):
+        assert (clean / name).read_bytes() == (tmp_path / name).read_bytes(), name

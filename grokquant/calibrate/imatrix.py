@@ -6,6 +6,7 @@ of a column is in_sum2 / count, with 1.0 for experts that saw no tokens (as llam
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -29,10 +30,18 @@ def load_imatrix(path: str | Path) -> dict[str, torch.Tensor]:
             counts_name = weight + ".counts"
             if counts_name not in f.tensors:
                 raise GrokquantError(f"{path}: {weight} has in_sum2 but no counts")
-            sums = np.frombuffer(f.raw(name).tobytes(), dtype=np.float32).reshape(info.shape)
+            counts_info = f.tensors[counts_name]
+            n_mat = info.shape[0] if len(info.shape) == 2 else 1
+            # what llama.cpp writes: F32 sums [n_mat, ne0] and one F32 count per matrix
+            if info.type.name != "F32" or counts_info.type.name != "F32" or len(info.shape) > 2 \
+                    or math.prod(counts_info.shape) != n_mat:
+                raise GrokquantError(f"{path}: {weight}: in_sum2 {info.type.name}{list(info.shape)} and counts "
+                                     f"{counts_info.type.name}{list(counts_info.shape)} are not F32 [n, columns] "
+                                     f"and [n, 1]")
+            sums = np.frombuffer(f.raw(name).tobytes(), dtype=np.float32).reshape(n_mat, info.shape[-1])
             counts = np.frombuffer(f.raw(counts_name).tobytes(), dtype=np.float32).reshape(-1)
-            if sums.ndim == 1:
-                sums = sums[None]
+            if not (np.isfinite(sums).all() and np.isfinite(counts).all() and (sums >= 0).all() and (counts >= 0).all()):
+                raise GrokquantError(f"{path}: {weight}: sums of squares and counts must be finite and non-negative")
             imp = np.where(counts[:, None] > 0, sums / np.maximum(counts[:, None], 1e-30), 1.0)
             out[weight] = torch.from_numpy(imp.astype(np.float32))
         return out

@@ -12,7 +12,10 @@ the statistics of one layer.
 
 from __future__ import annotations
 
+import hashlib
+import shutil
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
@@ -84,11 +87,21 @@ def collect(ckpt: Checkpoint, tokens: torch.Tensor, semantics: str = "sglang", h
     tokens: [n_sequences, seq_len]. The hidden states of layer l+1 come from the unquantized layer l
     (the fast, independent mode).
     """
+    for stats, _ in layer_statistics(ckpt, tokens, semantics, hessians, batch_size, device, on_layer=on_layer):
+        yield stats
+
+
+def layer_statistics(ckpt: Checkpoint, tokens: torch.Tensor, semantics: str = "sglang", hessians: bool = False,
+                     batch_size: int = 8, device: str = "cpu", start: int = 0, hidden: list[torch.Tensor] | None = None,
+                     on_layer: Callable[[LayerStats], None] | None = None
+                     ) -> Iterator[tuple[LayerStats, list[torch.Tensor]]]:
+    """(statistics, the hidden states it produced) of each layer from `start`, whose input is `hidden`
+    (a resumed run's; the embedded tokens when start is 0)."""
     cfg = ckpt.config
     model = Grok2ForCausalLM.empty(cfg, semantics)
     streamer = LayerStreamer(model, ckpt.tensor, tokens.shape[1], device=device)
-    hidden = streamer.embed(tokens, batch_size)
-    for layer in range(cfg.num_hidden_layers):
+    hidden = streamer.embed(tokens, batch_size) if start == 0 else hidden
+    for layer in range(start, cfg.num_hidden_layers):
         stats = LayerStats(layer, with_hessians=hessians)
         collector = Collector(model.model.layers[layer], stats, hessians)
         try:
@@ -99,7 +112,7 @@ def collect(ckpt: Checkpoint, tokens: torch.Tensor, semantics: str = "sglang", h
         stats.hessian = {k: v.cpu() for k, v in stats.hessian.items()}
         if on_layer:
             on_layer(stats)
-        yield stats
+        yield stats, hidden
 
 
 # ---- importance matrix and coverage -------------------------------------------------------------------
@@ -144,6 +157,10 @@ def save_stats(path, all_stats: list[LayerStats], metadata: dict) -> None:
 
     from safetensors.torch import save_file
 
+    save_file(stats_tensors(all_stats), str(path), metadata={"grokquant": json.dumps(metadata)})
+
+
+def stats_tensors(all_stats: list[LayerStats]) -> dict[str, torch.Tensor]:
     tensors = {}
     for s in all_stats:
         for group, v in s.sum2.items():
@@ -151,7 +168,7 @@ def save_stats(path, all_stats: list[LayerStats], metadata: dict) -> None:
             tensors[f"layers.{s.layer}.{group}.count"] = torch.tensor([s.count[group]], dtype=torch.int64)
         for group, h in s.hessian.items():
             tensors[f"layers.{s.layer}.{group}.hessian"] = h.contiguous()
-    save_file(tensors, str(path), metadata={"grokquant": json.dumps(metadata)})
+    return tensors
 
 
 def load_stats(path) -> list[LayerStats]:
@@ -175,8 +192,6 @@ def load_stats(path) -> list[LayerStats]:
 def check_request(checkpoint, output, imatrix_out=None, force: bool = False, batch_size: int = 8) -> None:
     """Refuse outputs `calibrate` must not write (existing without force, the input, one file twice) and
     batch sizes below one, before any work."""
-    from pathlib import Path
-
     from grokquant.errors import GrokquantError
     from grokquant.io.paths import check_output
 
@@ -195,25 +210,62 @@ def calibrate(checkpoint, output, tokens: torch.Tensor, imatrix_out=None, hessia
     """Collect statistics for every layer, write `output` (and the GGUF imatrix); returns tokens per
     expert per layer. `output` is for inspection and other tools (`load_stats`); the imatrix feeds
     `convert --imatrix` or llama-quantize. `quantize` collects its own statistics with `Collector`.
-    Both files are written under temporary names and renamed when both are complete."""
+    Each finished layer is kept in `.OUTPUT.partial` (io/layer_work.py), so an interrupted run resumes at
+    the next; both files are written under temporary names and renamed when both are complete."""
     from contextlib import nullcontext
 
     from grokquant.calibrate.imatrix import save_imatrix
-    from grokquant.io.paths import replacing
+    from grokquant.io.layer_work import LayerWork
+    from grokquant.io.paths import exclusive, replacing
 
     check_request(checkpoint, output, imatrix_out, force, batch_size)
     ckpt = Checkpoint.open(checkpoint)
-    n_experts = ckpt.config.num_local_experts
-    all_stats, sums, counts = [], {}, {}
-    for stats in collect(ckpt, tokens, hessians=hessians, batch_size=batch_size, device=device, on_layer=on_layer):
-        for name, (s, c) in imatrix_entries(stats, n_experts).items():
-            sums[name], counts[name] = s, c
-        all_stats.append(stats)
-    meta = {"checkpoint": str(checkpoint), "data": dataset, "tokens": int(tokens.numel()),
-            "seq_len": int(tokens.shape[1]), **(metadata or {})}
-    with replacing(output) as tmp, (replacing(imatrix_out) if imatrix_out else nullcontext()) as imatrix_tmp:
-        save_stats(tmp, all_stats, meta)
-        if imatrix_out:
-            save_imatrix(imatrix_tmp, sums, counts, [dataset], tokens.shape[0], tokens.shape[1])
+    n_layers, n_experts = ckpt.config.num_hidden_layers, ckpt.config.num_local_experts
+    work = LayerWork(Path(output))
+    with exclusive(work.out.with_name(f".{work.out.name}.lock"), str(output)):
+        try:
+            state = work.start(_fingerprint(ckpt, tokens, hessians, batch_size, device))
+            hidden = work.hidden() if state["done"] else None
+            layers = layer_statistics(ckpt, tokens, hessians=hessians, batch_size=batch_size, device=device,
+                                      start=state["done"], hidden=hidden, on_layer=on_layer)
+            all_stats = [load_stats(work.dir / _layer_file(layer))[0] for layer in range(state["done"])]
+            for stats in all_stats:  # the finished layers of an interrupted run, exactly as they were
+                if on_layer:
+                    on_layer(stats)
+            for stats, hidden in layers:
+                layer_file = work.save_tensors(_layer_file(stats.layer), stats_tensors([stats]))
+                state["done"] = stats.layer + 1
+                work.commit(state, hidden, [layer_file])
+                all_stats.append(stats)
+            sums, counts = {}, {}
+            for stats in all_stats:
+                for name, (s, c) in imatrix_entries(stats, n_experts).items():
+                    sums[name], counts[name] = s, c
+            meta = {"checkpoint": str(checkpoint), "data": dataset, "tokens": int(tokens.numel()),
+                    "seq_len": int(tokens.shape[1]), **(metadata or {})}
+            with replacing(output) as tmp, (replacing(imatrix_out) if imatrix_out else nullcontext()) as imatrix_tmp:
+                save_stats(tmp, all_stats, meta)
+                if imatrix_out:
+                    save_imatrix(imatrix_tmp, sums, counts, [dataset], tokens.shape[0], tokens.shape[1])
+        except BaseException as exc:
+            work.after_failure(exc, n_layers)
+            raise
+        finally:
+            ckpt.close()
+    shutil.rmtree(work.dir, ignore_errors=True)
     return [s.expert_tokens(n_experts) for s in all_stats]
 
+
+FORMAT_VERSION = 1  # part of the resume fingerprint: bump when the statistics for the same inputs change
+
+
+def _fingerprint(ckpt: Checkpoint, tokens: torch.Tensor, hessians: bool, batch_size: int, device: str) -> str:
+    """What the statistics' bytes depend on (the batch size and device change the order of the sums)."""
+    h = hashlib.sha256(f"calibrate {FORMAT_VERSION}:{hessians}:{batch_size}:{device}".encode())
+    h.update(ckpt.identity().encode())
+    h.update(tokens.numpy().tobytes())
+    return h.hexdigest()
+
+
+def _layer_file(layer: int) -> str:
+    return f"layer-{layer:05d}.safetensors"

@@ -42,8 +42,13 @@ def load_documents(data: str | Path, chat: bool = False) -> list[str]:
 
 
 def _jsonl(path: Path, chat: bool) -> list[str]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise GrokquantError(f"{path}: not UTF-8 text") from None
     docs = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    # lines end at "\n" only: str.splitlines would also cut at U+2028 or U+0085, which JSON allows inside strings
+    for i, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:

@@ -2,15 +2,16 @@
 
 Order of work: plan every tensor (name, shape, type) from config.json and the recipe, write the
 header, then read, quantize and append one tensor (one expert) at a time, the three steps overlapped
-(io.pipeline). The file is written under a temporary name, its header re-read and validated, then
-renamed into place.
+(io.pipeline). The file is written as `.NAME.incomplete`, its header re-read and validated, then
+renamed into place; an interrupted run's recorded work is resumed (gguf/resume.py).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from glob import escape as glob_escape
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -21,7 +22,9 @@ from grokquant.grok.checkpoint import Checkpoint
 from grokquant.grok.config import GrokConfig
 from grokquant.errors import GrokquantError
 from grokquant.gguf.file import GGUFWriter, read_gguf
-from grokquant.io.paths import check_output, full_disk_is_an_error, temporary_for
+from grokquant import __version__
+from grokquant.gguf.resume import Position, Resumable, fingerprint, partial_path
+from grokquant.io.paths import check_output, exclusive, full_disk_is_an_error, is_disk_full
 from grokquant.io.pipeline import WriteBehind, read_ahead
 from grokquant.grok.names import gguf_tensors, release_names
 from grokquant.quant.ggml.base import QUANTIZERS, quantize
@@ -145,10 +148,13 @@ def add_metadata(w: GGUFWriter, cfg: GrokConfig, tok, recipe: GGUFRecipe, rope: 
 
 # ---- tensor data ----------------------------------------------------------------------------------
 
-def tensor_sources(ckpt: Checkpoint, t: PlannedTensor, imatrix: dict[str, torch.Tensor] | None):
-    """(weights, importance or None) of each source of t (one expert of a stacked tensor) as stored (bf16)."""
+def tensor_sources(ckpt: Checkpoint, t: PlannedTensor, imatrix: dict[str, torch.Tensor] | None, skip: int = 0):
+    """(weights, importance or None) of each source of t (one expert of a stacked tensor) as stored (bf16),
+    after the first `skip` (written by an interrupted run)."""
     imp = imatrix.get(t.name) if imatrix else None
     for i, source in enumerate(t.sources):
+        if i < skip:
+            continue
         x = ckpt.tensor(source)
         qw = None
         if imp is not None and t.type.name not in ("F32", "F16", "BF16"):
@@ -238,137 +244,156 @@ def convert(checkpoint: str | Path, out: str | Path, recipe: GGUFRecipe, rope: s
             progress: Callable[[PlannedTensor, int], None] | None = None,
             prequantized: Callable[[PlannedTensor], np.ndarray | None] | None = None,
             extra_metadata: dict[str, str] | None = None,
-            on_plan: Callable[[list[PlannedTensor]], None] | None = None,
+            on_plan: Callable[[list[PlannedTensor], int], None] | None = None,
             notice: Callable[[str], None] | None = None) -> list[Path]:
-    """Write `out` (or its split shards); returns the written paths.
+    """Write `out` (or its split shards); returns the written paths. Resumes the work an interrupted run
+    with the same inputs recorded (gguf/resume.py), except with `prequantized`.
 
-    `on_plan(tensors)` is called once with every planned tensor, before anything is written.
-    `progress(tensor, nbytes)` is called with 0 when a tensor starts and its size when it is written.
-    `prequantized(tensor)` may supply a tensor's bytes (calibrated quantization did the rounding);
-    `extra_metadata` adds string keys to the header; `notice(message)` hears of removed stale temporaries.
+    `on_plan(tensors, done_bytes)` is called once with every planned tensor and the bytes of those a
+    resumed run already wrote, before anything is written. `progress(tensor, nbytes)` is called with 0
+    when a tensor starts and its size when it is written. `prequantized(tensor)` may supply a tensor's
+    bytes (calibrated quantization did the rounding); `extra_metadata` adds string keys to the header;
+    `notice(message)` hears of resumed work and of removed leftovers.
     """
     if rope not in ROPE_MODES:
         raise GrokquantError(f"unknown rope mode {rope!r} (plain or yarn)")
     if not isinstance(recipe, GGUFRecipe) or (recipe.calibrated and prequantized is None):
         raise GrokquantError(f"recipe {recipe.name} needs calibration data: use `grokquant quantize`")
+    out = Path(out)
     ckpt = Checkpoint.open(checkpoint)
-    cfg = ckpt.config
-    tok = load_tokenizer(ckpt.tokenizer_path)
-    tensors = plan(cfg, recipe, has_imatrix=imatrix is not None or recipe.calibrated)
-    if imatrix:
-        _check_imatrix(imatrix, tensors)
-    if prequantized is None:
-        _check_imatrix_present(imatrix, tensors, recipe.ftype)
-    shards = split_plan(tensors, split_max_bytes)
-    paths = shard_paths(Path(out), len(shards))
-    for p in paths:
-        check_output(p, [checkpoint], directory=False, force=force)
-    _claim(paths, notice)
-    if on_plan:
-        on_plan(tensors)
-    tmps = [temporary_for(p) for p in paths]
-    with full_disk_is_an_error(Path(out), sum(t.nbytes for t in tensors)):  # after the cleanup below
-        try:
-            for i, (shard, tmp) in enumerate(zip(shards, tmps)):
-                w = GGUFWriter(tmp)
-                if i == 0:
-                    add_metadata(w, cfg, tok, recipe, rope, name or Path(checkpoint).name)
-                    for key, value in (extra_metadata or {}).items():
-                        w.add_str(key, value)
-                if len(shards) > 1:
-                    w.add_u16("split.no", i)
-                    w.add_u16("split.count", len(shards))
-                    w.add_i32("split.tensors.count", len(tensors))
-                for t in shard:
-                    w.add_tensor(t.name, t.shape, t.type)
-                w.write_header()
+    try:
+        cfg = ckpt.config
+        tok = load_tokenizer(ckpt.tokenizer_path)
+        tensors = plan(cfg, recipe, has_imatrix=imatrix is not None or recipe.calibrated)
+        if imatrix:
+            _check_imatrix(imatrix, tensors)
+        if prequantized is None:
+            _check_imatrix_present(imatrix, tensors, recipe.ftype)
+        shards = split_plan(tensors, split_max_bytes)
+        paths = shard_paths(out, len(shards))
+        for p in paths:
+            check_output(p, [checkpoint], directory=False, force=force)
+        writers = [GGUFWriter(partial_path(p)) for p in paths]
+        add_metadata(writers[0], cfg, tok, recipe, rope, name or Path(checkpoint).name)
+        for key, value in (extra_metadata or {}).items():
+            writers[0].add_str(key, value)
+        for i, (w, shard) in enumerate(zip(writers, shards)):
+            if len(shards) > 1:
+                w.add_u16("split.no", i)
+                w.add_u16("split.count", len(shards))
+                w.add_i32("split.tensors.count", len(tensors))
+            for t in shard:
+                w.add_tensor(t.name, t.shape, t.type)
+        headers = [w.header_bytes() for w in writers]
+        fp = None if prequantized else fingerprint(__version__, ckpt.identity(), *headers, _imatrix_bytes(imatrix))
+        job = Resumable(out, paths, fp, notice)
+        with exclusive(out.with_name(f".{out.name}.lock"), str(out)):
+            _remove_dead_temporaries(paths, notice)
+            pos = job.start(headers)
+            if on_plan:
+                started = shards[pos.shard][:pos.tensor] if pos.shard < len(shards) else []
+                on_plan(tensors, sum(t.nbytes for s in shards[:pos.shard] for t in s) + sum(t.nbytes for t in started))
+            kept = None  # what a failed run leaves for the next, said with the error
+            with full_disk_is_an_error(out, sum(t.nbytes for t in tensors), kept=lambda: kept):
                 try:
-                    _write_tensors(w, tmp, ckpt, shard, imatrix, prequantized, progress)
-                    w.close()
-                except BaseException:
-                    w.abort()
+                    for i in range(pos.shard, len(shards)):
+                        _write_shard(writers[i], i, shards[i], pos if i == pos.shard else Position(i), job,
+                                     ckpt, imatrix, prequantized, progress)
+                    job.finish(paths)
+                except BaseException as exc:
+                    kept = job.after_failure(exc)
+                    if kept and notice and not is_disk_full(exc):
+                        notice(kept)
                     raise
-                validate(tmp, shard, data=False)  # every chunk was checked before it was written
-            for tmp, p in zip(tmps, paths):
-                os.replace(tmp, p)
-        finally:
-            for tmp in tmps:
-                tmp.unlink(missing_ok=True)
-            ckpt.close()
+    finally:
+        ckpt.close()
     return paths
 
 
-def _claim(paths: list[Path], notice: Callable[[str], None] | None) -> None:
-    """Temporaries `.NAME.tmp-PID` of earlier runs: removed if their process is gone (killed, power loss),
-    refused if it still runs (two converts to one output would replace each other's file)."""
-    stale = []
+def _write_shard(w: GGUFWriter, i: int, shard: list[PlannedTensor], pos: Position, job: Resumable,
+                 ckpt: Checkpoint, imatrix, prequantized, progress) -> None:
+    """Write (or finish) shard i from `pos`, check its header and tell `job` it is complete."""
+    if pos.offset:
+        t = shard[pos.tensor] if pos.tensor < len(shard) else None
+        w.reopen(pos.offset, pos.tensor, pos.sources * t.nbytes // len(t.sources) if t else 0)
+    else:
+        pos = Position(i)
+        w.write_header()
+    try:
+        _write_tensors(w, i, ckpt, shard, pos, job, imatrix, prequantized, progress)
+        w.close()
+    except BaseException:
+        w.abort()
+        raise
+    validate(w.path, shard, data=False)  # every chunk was checked before it was written
+    job.shard_done(i)
+
+
+def _imatrix_bytes(imatrix: dict[str, torch.Tensor] | None) -> bytes:
+    if not imatrix:
+        return b""
+    h = hashlib.sha256()
+    for key in sorted(imatrix):
+        h.update(key.encode())
+        h.update(imatrix[key].float().contiguous().numpy().tobytes())
+    return h.digest()
+
+
+def _remove_dead_temporaries(paths: list[Path], notice: Callable[[str], None] | None) -> None:
+    """`.NAME.tmp-PID` files of runs before resumable output (the lock is held: their writers are gone)."""
     for p in paths:
         for tmp in p.parent.glob(f".{glob_escape(p.name)}.tmp-*"):
-            pid = tmp.name.rsplit("-", 1)[1]
-            if not pid.isdigit() or int(pid) == os.getpid():
-                continue
-            if _process_alive(int(pid)):  # refused before anything is touched
-                raise GrokquantError(f"another convert (pid {pid}) is writing {p}: wait for it, or stop it")
-            stale.append((tmp, pid))
-    for tmp, pid in stale:
-        size = tmp.stat().st_size
-        tmp.unlink(missing_ok=True)
-        if notice:
-            notice(f"removed {tmp} ({size / 1e9:.2f} GB), left by a run that stopped (pid {pid})")
+            size = tmp.stat().st_size
+            tmp.unlink(missing_ok=True)
+            if notice:
+                notice(f"removed {tmp} ({size / 1e9:.3f} GB), left by a run that stopped")
 
 
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
-def _write_tensors(w: GGUFWriter, where: Path, ckpt: Checkpoint, shard: list[PlannedTensor],
-                   imatrix: dict[str, torch.Tensor] | None, prequantized, progress) -> None:
-    """Read, quantize and write the shard's tensors as a pipeline: the next source is read (and merged)
-    ahead on one thread and the quantized chunks are checked and written behind on another, while this
-    thread quantizes; the bytes and their order are those of doing it one step after the other."""
+def _write_tensors(w: GGUFWriter, shard_index: int, ckpt: Checkpoint, shard: list[PlannedTensor], pos: Position,
+                   job: Resumable, imatrix: dict[str, torch.Tensor] | None, prequantized, progress) -> None:
+    """Read, quantize and write the shard's tensors from `pos` on as a pipeline: the next source is read
+    (and merged) ahead on one thread and the quantized chunks are checked and written behind on another,
+    while this thread quantizes; the bytes and their order are those of doing it one step after the other.
+    Each finished source is reported to `job` (which records some of them for a resumed run)."""
 
     def sources():
-        for t in shard:
+        for k in range(pos.tensor, len(shard)):
+            t = shard[k]
+            skip = pos.sources if k == pos.tensor else 0
             data = prequantized(t) if prequantized else None
             if data is not None:
-                yield t, data, None
+                yield k, t, skip, data, None
             else:
-                for x, qw in tensor_sources(ckpt, t, imatrix):
-                    yield t, x, qw
+                for s, (x, qw) in enumerate(tensor_sources(ckpt, t, imatrix, skip), start=skip):
+                    yield k, t, s, x, qw
 
     def write(item) -> None:  # on the writer thread, which alone calls `progress`
-        t, chunk, first, last = item
+        k, t, chunk, first, sources_done = item
         if first and progress:
             progress(t, 0)  # starting t
-        check_finite(where, t, chunk)
+        check_finite(w.path, t, chunk)
         w.write(t.name, chunk)
-        if last and progress:
-            progress(t, t.nbytes)  # t written
+        if sources_done is not None:
+            at = Position(shard_index, k, sources_done) if sources_done < len(t.sources) else Position(shard_index, k + 1)
+            job.reached(w.file, replace(at, offset=w.file.tell()))
+            if sources_done == len(t.sources) and progress:
+                progress(t, t.nbytes)  # t written
 
     writer = WriteBehind(write, depth=4)
     try:
-        done: dict[str, int] = {}  # sources of each started tensor quantized so far
-        for t, x, qw in read_ahead(sources(), depth=1):
-            first = t.name not in done
+        for k, t, s, x, qw in read_ahead(sources(), depth=1):
+            first = s == (pos.sources if k == pos.tensor else 0)
             if isinstance(x, np.ndarray):  # prequantized: the whole tensor's bytes
-                writer.submit((t, x, True, True))
-                done[t.name] = len(t.sources)
+                writer.submit((k, t, x, True, len(t.sources)))
                 continue
-            done[t.name] = done.get(t.name, 0) + 1
             pending = None  # each chunk goes out once the next exists, so the last one is known
             for chunk in quantized_rows(x, t, qw):
                 if pending is not None:
-                    writer.submit((t, pending, first, False))
+                    writer.submit((k, t, pending, first, None))
                     first = False
                 pending = chunk
             del x
-            writer.submit((t, pending, first, done[t.name] == len(t.sources)))
+            writer.submit((k, t, pending, first, s + 1))
         writer.close()
     except BaseException:
         writer.abort()

@@ -115,6 +115,19 @@ class GGUFWriter:
         self._file = open(self.path, "wb")
         self._file.write(self.header_bytes())
 
+    def reopen(self, offset: int, tensor: int, written: int) -> None:
+        """Continue a file whose first `offset` bytes hold this header and the data before tensor index
+        `tensor`, plus `written` bytes of it (what a resumed convert recorded); anything after is cut."""
+        self._file = open(self.path, "r+b")
+        self._file.truncate(offset)
+        self._file.seek(offset)
+        self._next, self._written = tensor, written
+
+    @property
+    def file(self):
+        """The open file (a resumed convert flushes and fsyncs it before recording its progress)."""
+        return self._file
+
     def write(self, name: str, data) -> None:
         """Append bytes of tensor `name`; may be called several times per tensor, in file order."""
         info = self.tensors[self._next]
@@ -170,7 +183,7 @@ class GGUFFile:
         """
         info = self.tensors[name]
         row_bytes = info.type.row_bytes(info.shape[-1])
-        total_rows = info.nbytes // row_bytes
+        total_rows = math.prod(info.shape[:-1])  # not nbytes // row_bytes: rows of length 0 have no bytes
         n_rows = total_rows - first_row if n_rows is None else n_rows
         if self._mm is None:
             with open(self.path, "rb") as f:
@@ -180,8 +193,9 @@ class GGUFFile:
         if start + size > len(self._mm):
             raise GrokquantError(f"{self.path}: truncated (tensor {name} runs past the end of the file)")
         out = np.frombuffer(self._mm, dtype=np.uint8, count=size, offset=start).copy()
-        page = start - start % mmap.PAGESIZE
-        self._mm.madvise(mmap.MADV_DONTNEED, page, start + size - page)
+        if size:
+            page = start - start % mmap.PAGESIZE
+            self._mm.madvise(mmap.MADV_DONTNEED, page, start + size - page)
         return out.reshape(n_rows, row_bytes)
 
     def close(self) -> None:
@@ -215,6 +229,13 @@ class _Cursor:
         (n,) = self.take("<Q")
         self.need(n, 1, "string length")
         return self.f.read(n).decode("utf-8", errors="replace")
+
+    def name(self, what: str, max_bytes: int) -> str:
+        """A key or tensor name: printable and at most `max_bytes` long (it goes into one-line messages)."""
+        name = self.string()
+        if len(name.encode()) > max_bytes or not name.isprintable():
+            raise GrokquantError(f"{self.path}: corrupt GGUF header ({what} {name[:40]!r} is not a name)")
+        return name
 
     def value(self, vtype: int):
         if vtype == STRING:
@@ -251,7 +272,7 @@ def read_gguf(path: str | Path) -> GGUFFile:
         cur.need(n_kv, 8 + 4 + 1, "key count")  # the smallest entry: an empty key, its type, one byte
         metadata = {}
         for _ in range(n_kv):
-            key = cur.string()
+            key = cur.name("key", 65535)  # the spec's limit
             (vtype,) = cur.take("<I")
             if key in metadata:
                 raise GrokquantError(f"{path}: corrupt GGUF header (key {key} twice)")
@@ -259,7 +280,7 @@ def read_gguf(path: str | Path) -> GGUFFile:
         cur.need(n_tensors, 8 + 4 + 8 + 4 + 8, "tensor count")  # name length, n_dims, one dim, type, offset
         tensors = {}
         for _ in range(n_tensors):
-            name = cur.string()
+            name = cur.name("tensor name", 63)  # GGML_MAX_NAME is 64, with the terminating NUL
             (n_dims,) = cur.take("<I")
             if not 1 <= n_dims <= MAX_DIMS:
                 raise GrokquantError(f"{path}: tensor {name} has {n_dims} dimensions (GGML allows 1 to {MAX_DIMS})")

@@ -99,12 +99,33 @@ def tokenizer_from_gguf(metadata: dict) -> GrokTokenizer:
 
     from grokquant.grok.tokenizer import PAT_STR_B
 
+    from grokquant.errors import GrokquantError
+
+    def bad(problem):
+        return GrokquantError(f"GGUF vocabulary: {problem}")
+
+    # the metadata is untrusted: checked here so that tiktoken never sees a table it would fail on
+    tokens, types = metadata.get("tokenizer.ggml.tokens"), metadata.get("tokenizer.ggml.token_type")
+    if not (isinstance(tokens, list) and isinstance(types, list) and len(tokens) == len(types) and tokens
+            and all(isinstance(t, str) for t in tokens) and all(isinstance(t, int) for t in types)):
+        raise bad("tokenizer.ggml.tokens and token_type are not two lists of the same length (strings, integers)")
     to_byte = {c: b for b, c in bytes_to_unicode().items()}
     ranks, special = {}, {}
-    for tid, (text, ttype) in enumerate(zip(metadata["tokenizer.ggml.tokens"], metadata["tokenizer.ggml.token_type"])):
+    for tid, (text, ttype) in enumerate(zip(tokens, types)):
         if ttype == NORMAL:
-            ranks[bytes(to_byte[c] for c in text)] = tid
+            if not text or any(c not in to_byte for c in text):
+                raise bad(f"token {tid} {text[:20]!r} is not in GPT-2's byte encoding")
+            data = bytes(to_byte[c] for c in text)
+            if ranks.setdefault(data, tid) != tid:
+                raise bad(f"tokens {ranks[data]} and {tid} have the same bytes")
         elif ttype == CONTROL:
-            special[text] = tid
-    enc = tiktoken.Encoding(name="gguf", pat_str=PAT_STR_B, mergeable_ranks=ranks, special_tokens=special)
+            if special.setdefault(text, tid) != tid:
+                raise bad(f"control tokens {special[text]} and {tid} are both {text[:20]!r}")
+    missing = [b for b in range(256) if bytes([b]) not in ranks]
+    if missing:  # tiktoken cannot encode text holding a byte without a token
+        raise bad(f"{len(missing)} single-byte tokens missing (e.g. byte {missing[0]})")
+    try:
+        enc = tiktoken.Encoding(name="gguf", pat_str=PAT_STR_B, mergeable_ranks=ranks, special_tokens=special)
+    except Exception as exc:  # tiktoken raises plain ValueError/RuntimeError on bad tables
+        raise bad(f"unusable ({type(exc).__name__})") from None
     return GrokTokenizer(enc, ranks, special)

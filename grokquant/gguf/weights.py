@@ -8,22 +8,27 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
 from grokquant.grok.config import GrokConfig, parse_expert_name
 from grokquant.errors import GrokquantError
 from grokquant.gguf.file import GGUFFile, read_gguf
-from grokquant.grok.names import gguf_name
+from grokquant.grok.names import gguf_name, gguf_tensors
 from grokquant.quant.ggml.base import dequantize
 
 
-def _split_paths(path: Path, meta: dict) -> list[Path]:
-    n = int(meta.get("split.count", 1))
-    if n <= 1:
-        return [path]
+MAX_SHARDS = 99999  # llama-gguf-split numbers shards in five digits
+
+
+def _split_paths(path: Path, meta: dict) -> Iterator[Path]:
+    """The shards after the first (a generator: a corrupt count is refused when the next shard is missing)."""
+    n = meta.get("split.count", 1)
+    if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_SHARDS:
+        raise GrokquantError(f"{path}: split.count {n!r:.40} is not a shard count (0 to {MAX_SHARDS})")
     stem = path.name.rsplit("-00001-of-", 1)[0]
-    return [path.with_name(f"{stem}-{i + 1:05d}-of-{n:05d}.gguf") for i in range(n)]
+    return (path.with_name(f"{stem}-{i + 1:05d}-of-{n:05d}.gguf") for i in range(1, n))
 
 
 class GGUFWeights:
@@ -32,11 +37,24 @@ class GGUFWeights:
         meta = first.metadata
         if meta.get("general.architecture") != "grok":
             raise GrokquantError(f"{path}: architecture {meta.get('general.architecture')!r}, expected 'grok'")
-        self.files: list[GGUFFile] = [first] + [read_gguf(p) for p in _split_paths(Path(path), meta)[1:]]
+        self.files: list[GGUFFile] = [first] + [read_gguf(p) for p in _split_paths(Path(path), meta)]
         self.where = {name: f for f in self.files for name in f.tensors}
         self.metadata = meta
-        self.config = config_from_metadata(meta, first.tensors["token_embd.weight"].shape[0])
+        embd = first.tensors.get("token_embd.weight")
+        if embd is None or len(embd.shape) != 2:
+            raise GrokquantError(f"{path}: no token_embd.weight matrix (not a Grok 2 GGUF)")
+        self.config = config_from_metadata(meta, embd.shape[0], str(path))
         self.rope = "yarn" if meta.get("grok.rope.scaling.type") == "yarn" else "plain"
+        # every tensor the metadata implies, of the shape it implies: a damaged file is refused here, not by a
+        # shape error inside the model
+        for gname, shape in gguf_tensors(self.config):
+            f = self.where.get(gname)
+            if f is None:
+                raise GrokquantError(f"{path}: no tensor {gname} (the metadata says {self.config.num_hidden_layers} "
+                                     f"layers of {self.config.num_local_experts} experts)")
+            if f.tensors[gname].shape != tuple(shape):
+                raise GrokquantError(f"{path}: tensor {gname} has shape {list(f.tensors[gname].shape)}, the "
+                                     f"metadata implies {list(shape)}")
 
     @property
     def semantics(self) -> str:
@@ -87,7 +105,8 @@ class GGUFWeights:
             f.close()
 
 
-def config_from_metadata(meta: dict, vocab_size: int) -> GrokConfig:
+def config_from_metadata(meta: dict, vocab_size: int, source: str = "GGUF metadata") -> GrokConfig:
+    """The config the metadata describes, validated (values of the wrong type or range are refused)."""
     a = "grok."
 
     def get(key, default=None):
@@ -96,6 +115,11 @@ def config_from_metadata(meta: dict, vocab_size: int) -> GrokConfig:
             raise GrokquantError(f"GGUF metadata lacks {a + key}")
         return value
 
+    head_dim = meta.get(a + "attention.key_length")
+    if head_dim is None:
+        width, heads = get("embedding_length"), get("attention.head_count")
+        ok = all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (width, heads))
+        head_dim = width // heads if ok else 0  # 0: validate() names the bad key first
     cfg = replace(
         GrokConfig(),
         vocab_size=vocab_size,
@@ -107,7 +131,7 @@ def config_from_metadata(meta: dict, vocab_size: int) -> GrokConfig:
         num_hidden_layers=get("block_count"),
         num_attention_heads=get("attention.head_count"),
         num_key_value_heads=get("attention.head_count_kv"),
-        head_dim=get("attention.key_length", get("embedding_length") // get("attention.head_count")),
+        head_dim=head_dim,
         max_position_embeddings=get("context_length"),
         rms_norm_eps=get("attention.layer_norm_rms_epsilon"),
         rope_theta=get("rope.freq_base", 10000.0),
@@ -124,4 +148,5 @@ def config_from_metadata(meta: dict, vocab_size: int) -> GrokConfig:
                       extrapolation_factor=get("rope.scaling.yarn_ext_factor", 1.0),
                       attn_factor=get("rope.scaling.yarn_attn_factor", 1.0),
                       beta_fast=get("rope.scaling.yarn_beta_fast", 32.0), beta_slow=get("rope.scaling.yarn_beta_slow", 1.0))
+    cfg.validate(source)
     return cfg

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from grokquant.errors import GrokquantError
 from grokquant.gptq.config import JSON_KEYS, Quantization, from_json
@@ -55,7 +55,8 @@ class GPTQWeights:
         if index.is_file():
             raw = _read_json(index)
             listed = raw.get("weight_map") if isinstance(raw, dict) else None
-            if not isinstance(listed, dict) or not all(isinstance(v, str) and "/" not in v for v in listed.values()):
+            if not isinstance(listed, dict) or not all(isinstance(v, str) and "/" not in v and v.isprintable()
+                                                       for v in listed.values()):  # file names go into messages
                 raise GrokquantError(f"{index}: not a safetensors index (no weight_map of tensor -> file)")
             shards = sorted({self.path / v for v in listed.values()})
         else:
@@ -83,10 +84,13 @@ class GPTQWeights:
         shard = self.where.get(name)
         if shard is None:
             raise GrokquantError(f"{name} not in {self.path}")
-        f = self._open.get(shard)
-        if f is None:
-            f = self._open[shard] = safe_open(str(self.path / shard), "pt")
-        return f.get_tensor(name)
+        try:
+            f = self._open.get(shard)
+            if f is None:
+                f = self._open[shard] = safe_open(str(self.path / shard), "pt")
+            return f.get_tensor(name)
+        except SafetensorError as exc:  # what read_header lets pass and the library refuses (e.g. gaps between tensors)
+            raise GrokquantError(f"{self.path / shard}: {' '.join(str(exc).split())[:200]}") from None
 
     def names(self) -> list[str]:
         """Release names of every weight the artifact represents (quantized ones under `.weight`)."""

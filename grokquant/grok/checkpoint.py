@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import re
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -59,6 +59,12 @@ class Checkpoint:
         more = len(self.problems) - 1
         return f"{self.path}: {first}" + (f" (and {more} more problem{'s' * (more > 1)}; "
                                           f"run `grokquant inspect` for all)" if more else "")
+
+    def identity(self) -> str:
+        """What a resumed job compares to know it reads the same checkpoint: the config and each weight
+        file's name, size and modification time (hashing 539 GB would take an hour)."""
+        stats = [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in self.files]
+        return json.dumps([asdict(self.config) if self.config else None, stats], sort_keys=True)
 
     def close(self) -> None:
         self._files.close()

@@ -23,6 +23,11 @@ REQUIRED_KEYS = (
 EXPERT_PROJS = ("w1", "w2", "w3")  # gate (gets GELU), down, up
 # Dimension along which the 8 TP slices of each expert projection are concatenated.
 EXPERT_MERGE_DIM = {"w1": 0, "w2": 1, "w3": 0}
+# Tensors a config may imply: Grok 2 has 2,307; a corrupt layer or expert count must not make the inventory
+# a billion names long.
+MAX_TENSORS = 2**16
+_KINDS = {"int": (int, "an integer"), "float": ((int, float), "a number"), "bool": (bool, "true or false"),
+          "str": (str, "a string"), "list": (list, "a list")}
 
 
 @dataclass
@@ -75,8 +80,9 @@ class GrokConfig:
                 continue  # unknown keys are kept out; the release may carry extras
             kwargs[key] = value
         cfg = cls(**kwargs)
-        if "head_dim" not in raw:
-            cfg.head_dim = cfg.hidden_size // cfg.num_attention_heads
+        heads = (cfg.hidden_size, cfg.num_attention_heads)
+        if "head_dim" not in raw and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in heads):
+            cfg.head_dim = cfg.hidden_size // cfg.num_attention_heads  # else validate names the bad key
         cfg.validate(source)
         return cfg
 
@@ -99,12 +105,25 @@ class GrokConfig:
         def bad(msg):
             raise CheckpointError(f"{source}: {msg}")
 
+        # every key of its annotated type: a config.json is untrusted, and "64" or null would fail much later
+        for f in fields(self):
+            value, (kind, words) = getattr(self, f.name), _KINDS[f.type]
+            if not isinstance(value, kind) or isinstance(value, bool) != (f.type == "bool"):
+                bad(f"{f.name} must be {words}, got {value!r:.40}")
+            if f.type == "int" and not -(2**31) <= value < 2**31:  # GGUF metadata holds them as 32 bits
+                bad(f"{f.name} {value} does not fit in 32 bits")
+            if f.type == "float" and not math.isfinite(value):
+                bad(f"{f.name} must be finite, got {value!r}")
         for name in ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
                      "num_local_experts", "num_experts_per_tok", "num_hidden_layers",
                      "num_attention_heads", "num_key_value_heads", "head_dim"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 bad(f"{name} must be a positive integer, got {value!r}")
+        n_tensors = 3 + self.num_hidden_layers * (12 + 3 * self.num_local_experts)
+        if n_tensors > MAX_TENSORS:
+            bad(f"{self.num_hidden_layers} layers of {self.num_local_experts} experts are {n_tensors} tensors "
+                f"(at most {MAX_TENSORS})")
         if self.num_experts_per_tok > self.num_local_experts:
             bad("num_experts_per_tok exceeds num_local_experts")
         if self.num_attention_heads % self.num_key_value_heads:

@@ -86,11 +86,13 @@ def _token_list(raw: dict, key: str, path: Path) -> list[tuple[bytes, int]]:
     out = []
     for item in items:
         try:
-            data, tid = bytes(item["bytes"]), item["token"]
-            if not isinstance(tid, int) or tid < 0:
+            data, tid = item["bytes"], item["token"]
+            # bytes(n) of an int n would allocate n zero bytes; ids are 32-bit in tiktoken
+            if not isinstance(data, list) or isinstance(tid, bool) or not isinstance(tid, int) or not 0 <= tid < 2**31:
                 raise ValueError
+            data = bytes(data)
         except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: malformed entry in `{key}`: {str(item)[:60]}") from None
+            raise CheckpointError(f"{path}: malformed entry in `{key}`: {repr(item)[:60]}") from None
         out.append((data, tid))
     return out
 

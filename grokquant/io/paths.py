@@ -8,7 +8,7 @@ import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from grokquant.errors import DiskFullError, GrokquantError
 
@@ -26,6 +26,8 @@ def check_output(out: str | Path, inputs: list[str | Path], directory: bool, for
         if src == target or target in src.parents:
             raise GrokquantError(f"{out} is {'' if src == target else 'a folder holding '}the input {inp}: "
                                  f"choose another output")
+    if not out.parent.is_dir():
+        raise GrokquantError(f"{out}: the folder {out.parent} does not exist")
     if out.exists():
         if not force:
             raise GrokquantError(f"{out} exists (use --force to overwrite)")
@@ -36,8 +38,7 @@ def check_output(out: str | Path, inputs: list[str | Path], directory: bool, for
 
 
 def temporary_for(path: Path) -> Path:
-    """`.NAME.tmp-PID` beside `path`: hidden, and naming the process that writes it (convert finds the
-    temporaries of dead runs by the PID)."""
+    """`.NAME.tmp-PID` beside `path`: hidden, and naming the process that writes it."""
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
@@ -61,9 +62,11 @@ def is_disk_full(exc: BaseException) -> bool:
 
 
 @contextmanager
-def full_disk_is_an_error(out: Path, need_bytes: int | None = None) -> Iterator[None]:
+def full_disk_is_an_error(out: Path, need_bytes: int | None = None,
+                          kept: Callable[[], str | None] = lambda: None) -> Iterator[None]:
     """A full disk while writing `out` becomes one line saying so (and how much the output needs); the
-    writer's own cleanup has run by then, so nothing half-written is left."""
+    writer's own cleanup has run by then, so nothing half-written is left; `kept()` may add what the
+    writer kept for a resumed run."""
     try:
         yield
     except DiskFullError:
@@ -76,8 +79,9 @@ def full_disk_is_an_error(out: Path, need_bytes: int | None = None) -> Iterator[
             target = target.parent
         free = shutil.disk_usage(target).free
         need = f"it needs {need_bytes / 1e9:.3f} GB, " if need_bytes else ""
+        left = kept()
         raise DiskFullError(f"no space left on device writing {out} ({need}{free / 1e9:.3f} GB free there); "
-                            f"nothing was replaced") from None
+                            f"nothing was replaced" + (f"; {left}" if left else "")) from None
 
 
 @contextmanager

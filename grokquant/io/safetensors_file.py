@@ -76,6 +76,9 @@ def read_header(path: Path) -> tuple[list[TensorEntry], dict, list[str]]:
     entries, problems = [], []
     data_end = 0
     for tname, info in header.items():
+        if not tname.isprintable():  # names go into one-line problem reports; no tensor of ours has such a name
+            problems.append(f"{name}: corrupt header: tensor name {tname[:40]!r} is not printable")
+            continue
         try:
             dtype, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]
             if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
@@ -85,8 +88,8 @@ def read_header(path: Path) -> tuple[list[TensorEntry], dict, list[str]]:
         except (KeyError, TypeError, ValueError):
             problems.append(f"{name}: corrupt header entry for {tname}")
             continue
-        if dtype not in DTYPES:
-            problems.append(f"{name}: {tname} has unsupported dtype {dtype}")
+        if not isinstance(dtype, str) or dtype not in DTYPES:  # a list is unhashable; "\n" would break the line
+            problems.append(f"{name}: {tname} has unsupported dtype {dtype!r:.40}")
             continue
         entry = TensorEntry(path, tname, dtype, tuple(shape), data_start + start, data_start + end)
         if entry.numel * DTYPES[dtype][1] != entry.nbytes:

@@ -73,6 +73,8 @@ class GGUFRecipe:
         if self.method not in ("reference", "imatrix", "gptq"):
             raise GrokquantError(f"recipe {self.name}: method must be reference, imatrix or gptq, got {self.method!r}")
         _check_calibration(self)
+        if isinstance(self.damp, bool) or not isinstance(self.damp, (int, float)) or not 0 <= self.damp < 1:
+            raise GrokquantError(f"recipe {self.name}: damp must be a number in [0, 1), got {self.damp!r}")
         if isinstance(self.refits, bool) or not isinstance(self.refits, int) or not 0 <= self.refits <= 8:
             raise GrokquantError(f"recipe {self.name}: refits must be an integer from 0 to 8")
         if self.ftype not in FTYPES:
@@ -201,17 +203,44 @@ def with_target_bpw(recipe: "GGUFRecipe | GPTQRecipe", target_bpw: float) -> GGU
     return replace(recipe, target_bpw=target_bpw, tensor_types={})
 
 
+MAX_RECIPE_BYTES = 2**16  # recipes are a few lines; PyYAML takes seconds per 100 kB
+MAX_NESTING = 32  # PyYAML's scanner is quadratic in the nesting depth: 10^5 brackets take minutes
+
+
+class _Loader(yaml.SafeLoader):
+    """yaml.SafeLoader without aliases or deep nesting: a recipe needs neither, a few nested aliases expand
+    into billions of values once printed or compared (the "billion laughs"), and deep brackets are slow."""
+
+    def fetch_flow_collection_start(self, TokenClass):
+        if self.flow_level >= MAX_NESTING:
+            raise yaml.scanner.ScannerError(None, None, f"nested more than {MAX_NESTING} levels deep", self.get_mark())
+        super().fetch_flow_collection_start(TokenClass)
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in a recipe",
+                                              self.peek_event().start_mark)
+        return super().compose_node(parent, index)
+
+
 def load_recipe(spec: str | Path) -> "GGUFRecipe | GPTQRecipe":
     """A recipe from a YAML path, or by name from `recipes/` (e.g. "q4_k_m", "gptq-w4g128")."""
     path = Path(spec)
     if not path.exists():
         path = RECIPES_DIR / f"{spec}.yaml"
     try:
-        raw = yaml.safe_load(path.read_text())
+        if path.stat().st_size > MAX_RECIPE_BYTES:
+            raise GrokquantError(f"{path}: {path.stat().st_size} bytes, too large for a recipe "
+                                 f"(at most {MAX_RECIPE_BYTES})")
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)
     except FileNotFoundError:
         raise GrokquantError(f"recipe {spec}: no such file (and no recipes/{spec}.yaml)") from None
+    except UnicodeDecodeError:
+        raise GrokquantError(f"{path}: not UTF-8 text") from None
     except yaml.YAMLError as exc:
         raise GrokquantError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
+    except (ValueError, RecursionError) as exc:  # a date such as 2001-13-45; thousands of nested brackets
+        raise GrokquantError(f"{path}: invalid YAML ({type(exc).__name__}: {str(exc)[:80]!r})") from None
     if not isinstance(raw, dict):
         raise GrokquantError(f"{path}: a recipe is a YAML mapping")
     fmt = raw.get("format", "gguf")

@@ -37,8 +37,9 @@ from grokquant.quantize import distributed
 from grokquant.calibrate.statistics import Collector, LayerStats
 from grokquant.grok.checkpoint import Checkpoint
 from grokquant.grok.config import GrokConfig
-from grokquant.errors import DiskFullError, GrokquantError
-from grokquant.io.paths import check_output, exclusive, is_disk_full, remove
+from grokquant.errors import GrokquantError
+from grokquant.io.layer_work import HIDDEN_FILE, STATE_FILE, LayerWork
+from grokquant.io.paths import check_output, exclusive
 from grokquant.grok.model import Grok2ForCausalLM
 from grokquant.grok.names import expert_groups, gguf_tensors
 from grokquant.grok.streaming import LayerStreamer
@@ -47,9 +48,6 @@ from grokquant.quantize.items import (Item, LayerResult, Recipe, all_token_stati
 from grokquant.quantize.recipe import GGUFRecipe, GPTQRecipe
 
 FORMAT_VERSION = 6  # part of the resume fingerprint: bump when the per-layer output changes
-# the next layer's input, as safetensors: no unpickling, and a full disk reported as ENOSPC (torch.save
-# reports only "unexpected pos")
-HIDDEN_FILE = "hidden.safetensors"
 REPORT_KEY = "grokquant.quantize_report"  # GGUF header key holding the per-class report (JSON)
 ALLOCATION_KEY = "grokquant.allocation"  # GGUF header key: the --target-bpw choice per tensor (JSON)
 
@@ -57,10 +55,7 @@ ALLOCATION_KEY = "grokquant.allocation"  # GGUF header key: the --target-bpw cho
 def fingerprint(ckpt: Checkpoint, recipe: Recipe, tokens: torch.Tensor, expert_batch: int) -> str:
     h = hashlib.sha256()
     h.update(f"{FORMAT_VERSION}:{type(recipe).__name__}:{expert_batch}".encode())
-    h.update(json.dumps(asdict(ckpt.config), sort_keys=True).encode())
-    for f in ckpt.files:
-        st = f.stat()
-        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    h.update(ckpt.identity().encode())
     h.update(json.dumps(asdict(recipe), sort_keys=True, default=str).encode())
     h.update(tokens.numpy().tobytes())
     return h.hexdigest()
@@ -148,25 +143,6 @@ def check_request(recipe: Recipe, cfg: GrokConfig | None = None, batch_size: int
         raise GrokquantError(f"expert batch {expert_batch}: between 1 and {cfg.num_local_experts}")
 
 
-def _load_hidden(path: Path) -> list[torch.Tensor]:
-    with safe_open(str(path), "pt") as f:
-        return [f.get_tensor(str(i)) for i in range(len(f.keys()))]
-
-
-def _read_state(state_file: Path, work: Path) -> dict | None:
-    """The saved progress of an interrupted run, or None; a damaged file (written by something else: ours
-    are replaced atomically) is refused in one line rather than silently discarding the work."""
-    if not state_file.exists():
-        return None
-    try:
-        state = json.loads(state_file.read_text())
-        if not isinstance(state, dict) or not isinstance(state.get("done"), int):
-            raise ValueError("not a progress record")
-        return state
-    except (ValueError, UnicodeDecodeError) as e:
-        raise GrokquantError(f"{state_file} is damaged ({e}): delete {work} to start over") from None
-
-
 @torch.no_grad()
 def quantize(checkpoint: str | Path, out: str | Path, recipe: Recipe, tokens: torch.Tensor, force: bool = False,
              batch_size: int = 8, device: str = "cpu", rope: str = "plain", expert_batch: int | None = None,
@@ -184,60 +160,37 @@ def quantize(checkpoint: str | Path, out: str | Path, recipe: Recipe, tokens: to
     ckpt = Checkpoint.open(checkpoint)
     check_request(recipe, ckpt.config, batch_size, expert_batch)
     expert_batch = ckpt.config.num_local_experts if expert_batch is None else expert_batch
-    work = out.with_name(f".{out.name}.partial")
+    work = LayerWork(out)
     # one run per output (rank 0 alone touches the files); the lock goes with the process, kill -9 included
     with exclusive(out.with_name(f".{out.name}.lock"), str(out)) if group.is_main else nullcontext():
         try:
             _quantize(ckpt, checkpoint, out, work, recipe, tokens, group, batch_size, device, rope, expert_batch,
                       on_layer, on_probe)
         except BaseException as exc:
-            if group.is_main:
-                _after_failure(exc, out, work, ckpt.config.num_hidden_layers)
+            if group.is_main:  # the measured allocation is worth keeping too
+                work.after_failure(exc, ckpt.config.num_hidden_layers, (work.dir / "allocation.json").exists())
             raise
     group.barrier()  # every rank returns once the output is in place
     return out
 
 
-def _after_failure(exc: BaseException, out: Path, work: Path, n_layers: int) -> None:
-    """A failed or interrupted run keeps `work` only if it holds something to resume (finished layers, the
-    measured allocation); a full disk is said in one line, with what was kept."""
-    try:
-        done = json.loads((work / "progress.json").read_text())["done"]
-    except FileNotFoundError:
-        done = 0
-    except (OSError, ValueError, KeyError, TypeError):  # damaged: the error said what to do with it
-        return
-    kept = done > 0 or (work / "allocation.json").exists()
-    if not kept:
-        remove(work)
-    if is_disk_full(exc):
-        raise DiskFullError(f"no space left on device writing {out}: " + (
-            f"{done} of {n_layers} layers are kept in {work}; free space and run the same command to resume"
-            if kept else "nothing was kept")) from None
-
-
-def _quantize(ckpt: Checkpoint, checkpoint, out: Path, work: Path, recipe: Recipe, tokens: torch.Tensor,
+def _quantize(ckpt: Checkpoint, checkpoint, out: Path, work: LayerWork, recipe: Recipe, tokens: torch.Tensor,
               group: distributed.Group, batch_size: int, device: str, rope: str, expert_batch: int,
               on_layer: Callable[[int], None] | None, on_probe: Callable[[int, int], None] | None) -> None:
     cfg = ckpt.config
     gguf = isinstance(recipe, GGUFRecipe)
     hessians = not gguf or recipe.method == "gptq"
-    state_file = work / "progress.json"
     state, hidden = None, None
     if group.is_main:
-        fp = fingerprint(ckpt, recipe, tokens, expert_batch)
-        state = _read_state(state_file, work)
-        if state is None or state.get("fingerprint") != fp:
-            shutil.rmtree(work, ignore_errors=True)
-            work.mkdir(parents=True)
-            state = {"fingerprint": fp, "done": 0, "report": []}
+        state = work.start(fingerprint(ckpt, recipe, tokens, expert_batch))
+        state.setdefault("report", [])
         if state["done"]:
-            hidden = _load_hidden(work / HIDDEN_FILE)
+            hidden = work.hidden()
     state = group.broadcast(state)
     allocation = None
     if gguf and recipe.target_bpw is not None and not recipe.tensor_types:
         if group.is_main:
-            allocation = _allocation(ckpt, recipe, tokens, work, batch_size, on_probe)
+            allocation = _allocation(ckpt, recipe, tokens, work.dir, batch_size, on_probe)
         allocation = group.broadcast(allocation)
         recipe = replace(recipe, tensor_types={a["tensor"]: a["type"] for a in allocation})
     types = _gguf_types(ckpt, recipe) if gguf else {}
@@ -261,16 +214,9 @@ def _quantize(ckpt: Checkpoint, checkpoint, out: Path, work: Path, recipe: Recip
                 for name in cfg.layer_shapes(layer):
                     if name not in written.dequantized:  # norms, router and anything not packable stay bf16
                         tensors[name] = ckpt.tensor(name)
-            try:
-                save_file(tensors, str(work / parts[layer]), metadata={"format": "pt"})
-            except BaseException:
-                (work / parts[layer]).unlink(missing_ok=True)  # the space it took, e.g. on a full disk
-                raise
-            save_file({str(i): h.contiguous() for i, h in enumerate(hidden)}, str(work / "hidden.tmp"))
-            os.replace(work / "hidden.tmp", work / HIDDEN_FILE)
+            layer_file = work.save_tensors(parts[layer], tensors, metadata={"format": "pt"})
             state["report"] += written.report
-            (work / "progress.tmp").write_text(json.dumps(state))
-            os.replace(work / "progress.tmp", state_file)  # a kill mid-write leaves the previous state
+            work.commit(state, hidden, [layer_file])
         del written
         if on_layer:
             on_layer(layer)
@@ -278,9 +224,9 @@ def _quantize(ckpt: Checkpoint, checkpoint, out: Path, work: Path, recipe: Recip
     if group.is_main:
         report = summarize(state["report"])
         if gguf:
-            _assemble_gguf(ckpt, checkpoint, work, parts[:n_layers], out, recipe, rope, report, allocation)
+            _assemble_gguf(ckpt, checkpoint, work.dir, parts[:n_layers], out, recipe, rope, report, allocation)
         else:
-            _finish_gptq(ckpt, work, parts, out, recipe, report)
+            _finish_gptq(ckpt, work.dir, parts, out, recipe, report)
 
 
 @dataclass
@@ -393,7 +339,7 @@ def _finish_gptq(ckpt: Checkpoint, work: Path, parts: list[str], out: Path, reci
     write_metadata(work, ckpt, recipe, parts)
     (work / "quantize_report.json").write_text(json.dumps(report, indent=2))
     (work / HIDDEN_FILE).unlink(missing_ok=True)
-    (work / "progress.json").unlink()
+    (work / STATE_FILE).unlink()
     if out.exists():
         shutil.rmtree(out)
     work.rename(out)
