@@ -304,10 +304,10 @@ def test_target_bpw_refuses_what_it_cannot_do(tiny_tp8, tokens, tmp_path):
 def test_full_disk_after_finished_layers_keeps_them_and_resumes(tiny_tp8, tokens, artifact, tmp_path, monkeypatch):
     """ENOSPC writing layer 1 (as safetensors' Rust writer reports it): one line saying what was kept, layer
     1's half-written file removed; once there is space the same call resumes to the uninterrupted bytes."""
-    import grokquant.quantize.run as run
+    import grokquant.io.layer_work as layer_work
     from grokquant.errors import DiskFullError
 
-    real_save = run.save_file
+    real_save = layer_work.save_file
 
     def full_at_layer_1(tensors, path, metadata=None):
         if "model-00002" in path:
@@ -315,7 +315,7 @@ def test_full_disk_after_finished_layers_keeps_them_and_resumes(tiny_tp8, tokens
             raise Exception("Error while serializing: I/O error: No space left on device (os error 28)")
         real_save(tensors, path, metadata=metadata)
 
-    monkeypatch.setattr(run, "save_file", full_at_layer_1)
+    monkeypatch.setattr(layer_work, "save_file", full_at_layer_1)
     out = tmp_path / "x"
     with pytest.raises(DiskFullError) as err:
         quantize(tiny_tp8, out, GPTQRecipe(), tokens)
@@ -323,7 +323,7 @@ def test_full_disk_after_finished_layers_keeps_them_and_resumes(tiny_tp8, tokens
     assert str(err.value) == (f"no space left on device writing {out}: 1 of 2 layers are kept in {work}; "
                               f"free space and run the same command to resume")
     assert not (work / "model-00002-of-00003.safetensors").exists() and not (tmp_path / ".x.lock").exists()
-    monkeypatch.setattr(run, "save_file", real_save)
+    monkeypatch.setattr(layer_work, "save_file", real_save)
     done = []
     quantize(tiny_tp8, out, GPTQRecipe(), tokens, on_layer=done.append)
     assert done == [1]
