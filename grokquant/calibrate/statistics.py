@@ -216,13 +216,13 @@ def calibrate(checkpoint, output, tokens: torch.Tensor, imatrix_out=None, hessia
 
     from grokquant.calibrate.imatrix import save_imatrix
     from grokquant.io.layer_work import LayerWork
-    from grokquant.io.paths import exclusive, replacing
+    from grokquant.io.paths import output_lock, replacing
 
     check_request(checkpoint, output, imatrix_out, force, batch_size)
     ckpt = Checkpoint.open(checkpoint)
     n_layers, n_experts = ckpt.config.num_hidden_layers, ckpt.config.num_local_experts
     work = LayerWork(Path(output))
-    with exclusive(work.out.with_name(f".{work.out.name}.lock"), str(output)):
+    with output_lock(work.out):
         try:
             state = work.start(_fingerprint(ckpt, tokens, hessians, batch_size, device))
             hidden = work.hidden() if state["done"] else None
@@ -252,7 +252,7 @@ def calibrate(checkpoint, output, tokens: torch.Tensor, imatrix_out=None, hessia
             raise
         finally:
             ckpt.close()
-    shutil.rmtree(work.dir, ignore_errors=True)
+        shutil.rmtree(work.dir, ignore_errors=True)  # under the lock: a run starting now finds nothing half-removed
     return [s.expert_tokens(n_experts) for s in all_stats]
 
 

@@ -24,7 +24,7 @@ from grokquant.errors import GrokquantError
 from grokquant.gguf.file import GGUFWriter, read_gguf
 from grokquant import __version__
 from grokquant.gguf.resume import Position, Resumable, fingerprint, partial_path
-from grokquant.io.paths import check_output, exclusive, full_disk_is_an_error, is_disk_full
+from grokquant.io.paths import check_output, full_disk_is_an_error, is_disk_full, output_lock
 from grokquant.io.pipeline import WriteBehind, read_ahead
 from grokquant.grok.names import gguf_tensors, release_names
 from grokquant.quant.ggml.base import QUANTIZERS, quantize
@@ -287,7 +287,7 @@ def convert(checkpoint: str | Path, out: str | Path, recipe: GGUFRecipe, rope: s
         headers = [w.header_bytes() for w in writers]
         fp = None if prequantized else fingerprint(__version__, ckpt.identity(), *headers, _imatrix_bytes(imatrix))
         job = Resumable(out, paths, fp, notice)
-        with exclusive(out.with_name(f".{out.name}.lock"), str(out)):
+        with output_lock(out):
             _remove_dead_temporaries(paths, notice)
             pos = job.start(headers)
             if on_plan:

@@ -21,8 +21,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from grokquant.errors import DiskFullError, GrokquantError
-from grokquant.io.paths import is_disk_full
+from grokquant.errors import GrokquantError
+from grokquant.io.paths import fsync_file, is_disk_full, write_json_durably
 
 RECORD_BYTES = 1 << 28  # output between two records
 FORMAT_VERSION = 1  # part of the fingerprint: bump when the bytes written for the same inputs change
@@ -124,19 +124,13 @@ class Resumable:
         if file is not None:
             file.flush()
             os.fsync(file.fileno())  # the data first: a record never claims what a power loss took
-        tmp = self.record.with_name(self.record.name + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump({"fingerprint": self.fingerprint, **asdict(pos)}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.record)
+        write_json_durably(self.record, {"fingerprint": self.fingerprint, **asdict(pos)})
         self.position = pos
         self._recorded_at = pos.offset
 
     def shard_done(self, shard: int) -> None:
         """Shard `shard` is complete and closed: the next record starts at the next shard."""
-        with open(self.partials[shard], "rb") as f:
-            os.fsync(f.fileno())
+        fsync_file(self.partials[shard])
         self._recorded_at = 0
         self.reached(None, Position(shard + 1), force=True)
 
@@ -151,7 +145,7 @@ class Resumable:
         disk, any failure a re-run may not repeat; not after a refusal of the inputs) and say so; else
         remove them (None)."""
         kept = (self.fingerprint is not None and self.record.exists()
-                and (not isinstance(exc, GrokquantError) or isinstance(exc, DiskFullError) or is_disk_full(exc)))
+                and (not isinstance(exc, GrokquantError) or is_disk_full(exc)))
         if not kept:
             for p in [*self.partials, self.record, self.record.with_name(self.record.name + ".tmp")]:
                 p.unlink(missing_ok=True)

@@ -63,7 +63,7 @@ class Checkpoint:
     def identity(self) -> str:
         """What a resumed job compares to know it reads the same checkpoint: the config and each weight
         file's name, size and modification time (hashing 539 GB would take an hour)."""
-        stats = [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in self.files]
+        stats = [f"{f.name}:{st.st_size}:{st.st_mtime_ns}" for f, st in ((f, f.stat()) for f in self.files)]
         return json.dumps([asdict(self.config) if self.config else None, stats], sort_keys=True)
 
     def close(self) -> None:

@@ -20,15 +20,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from grokquant.errors import DiskFullError, GrokquantError
-from grokquant.io.paths import is_disk_full, remove
+from grokquant.io.paths import fsync_file, is_disk_full, remove, write_json_durably
 
 HIDDEN_FILE = "hidden.safetensors"  # safetensors: no unpickling, and a full disk reported as ENOSPC
 STATE_FILE = "progress.json"
-
-
-def fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
 
 
 class LayerWork:
@@ -81,12 +76,7 @@ class LayerWork:
         for path in [*layer_files, tmp]:
             fsync_file(path)
         os.replace(tmp, self.dir / HIDDEN_FILE)
-        tmp = self.dir / "progress.tmp"
-        with open(tmp, "w") as f:
-            json.dump(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.state_file)  # a kill mid-write leaves the previous state
+        write_json_durably(self.state_file, state)  # a kill mid-write leaves the previous state
 
     def done(self) -> int:
         """Layers the folder holds (0 if it holds no record)."""

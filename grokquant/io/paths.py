@@ -4,6 +4,7 @@ appear whole or not at all, one writer per output, and a full disk reported as s
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 from contextlib import contextmanager
@@ -100,6 +101,27 @@ def replacing(path: str | Path) -> Iterator[Path]:
             os.replace(tmp, path)
         finally:
             remove(tmp)
+
+
+def fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def write_json_durably(path: Path, obj) -> None:
+    """`path` holds `obj` as JSON, the old content or the new, never half of either; the new is on disk
+    (fsynced) before it replaces the old, so after a power loss a record claims nothing newer than itself."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def output_lock(out: Path):
+    """The lock of one output, `.OUT.lock`: every command that writes `out` holds it (see `exclusive`)."""
+    return exclusive(out.with_name(f".{out.name}.lock"), str(out))
 
 
 @contextmanager

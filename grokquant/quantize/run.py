@@ -39,7 +39,7 @@ from grokquant.grok.checkpoint import Checkpoint
 from grokquant.grok.config import GrokConfig
 from grokquant.errors import GrokquantError
 from grokquant.io.layer_work import HIDDEN_FILE, STATE_FILE, LayerWork
-from grokquant.io.paths import check_output, exclusive
+from grokquant.io.paths import check_output, output_lock, write_json_durably
 from grokquant.grok.model import Grok2ForCausalLM
 from grokquant.grok.names import expert_groups, gguf_tensors
 from grokquant.grok.streaming import LayerStreamer
@@ -121,9 +121,7 @@ def _allocation(ckpt: Checkpoint, recipe: GGUFRecipe, tokens: torch.Tensor, work
     progress = (lambda done: on_probe(done, len(free))) if on_probe else None
     sens = allocate.measure(ckpt, tokens, fixed, batch_size, progress)
     report = allocate.allocation_report(sens, allocate.allocate(sens, shapes, budget))
-    tmp = work / "allocation.tmp"
-    tmp.write_text(json.dumps(report))
-    os.replace(tmp, path)
+    write_json_durably(path, report)
     return report
 
 
@@ -162,7 +160,7 @@ def quantize(checkpoint: str | Path, out: str | Path, recipe: Recipe, tokens: to
     expert_batch = ckpt.config.num_local_experts if expert_batch is None else expert_batch
     work = LayerWork(out)
     # one run per output (rank 0 alone touches the files); the lock goes with the process, kill -9 included
-    with exclusive(out.with_name(f".{out.name}.lock"), str(out)) if group.is_main else nullcontext():
+    with output_lock(out) if group.is_main else nullcontext():
         try:
             _quantize(ckpt, checkpoint, out, work, recipe, tokens, group, batch_size, device, rope, expert_batch,
                       on_layer, on_probe)
