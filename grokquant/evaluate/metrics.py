@@ -25,6 +25,7 @@ from grokquant.errors import GrokquantError
 from grokquant.evaluate.engines import Artifact, scored_logits
 from grokquant.evaluate.windows import Windows
 from grokquant.io.paths import replacing
+from grokquant.quant.sums import stack_sum
 
 DEFAULT_TOP_K = 256  # 2 KB per scored token and semantics
 
@@ -96,12 +97,17 @@ def score_pass(logits: Iterator[torch.Tensor], windows: Windows, base: BaselineL
 
 # ---- statistics (llama-perplexity's formulas) ------------------------------------------------------
 
+def mean(x: torch.Tensor) -> float:
+    """In float64, in an order that does not depend on the thread count (quant/sums.py)."""
+    return float(stack_sum(x.double().reshape(1, -1))[0]) / max(1, x.numel())
+
+
 def mean_and_se(x: torch.Tensor) -> tuple[float, float]:
     x = x.double()
     n = x.numel()
-    mean = x.mean().item()
-    var = (x.pow(2).mean() - x.mean() ** 2).item()
-    return mean, math.sqrt(var / (n - 1)) if var > 0 and n > 1 else 0.0
+    m = mean(x)
+    var = mean(x.pow(2)) - m ** 2
+    return m, math.sqrt(var / (n - 1)) if var > 0 and n > 1 else 0.0
 
 
 def percentile(sorted_values: torch.Tensor, fraction: float) -> float:
@@ -126,12 +132,12 @@ def summarize(scores: TokenScores, base_nll: torch.Tensor | None = None) -> dict
     out["kld"], out["kld_se"] = mean_and_se(kld)
     out.update(kld_median=percentile(kld_sorted, 0.5), kld_p99=percentile(kld_sorted, 0.99),
                kld_p999=percentile(kld_sorted, 0.999), kld_max=kld_sorted[-1].item())
-    top1 = same.mean().item()
+    top1 = mean(same)
     out["top1"], out["top1_se"] = top1, math.sqrt(top1 * (1 - top1) / max(1, len(same) - 1))
     out["dp"], out["dp_se"] = mean_and_se(dp)
-    out["dp_rms"] = math.sqrt(dp.pow(2).mean().item())
+    out["dp_rms"] = math.sqrt(mean(dp.pow(2)))
     if base_nll is not None:  # paired over tokens: the same as llama-perplexity's covariance formula
-        out["ppl_base"] = math.exp(base_nll.double().mean().item())
+        out["ppl_base"] = math.exp(mean(base_nll))
         out["ln_ppl_ratio"], out["ln_ppl_ratio_se"] = mean_and_se(nll - base_nll.double())
     return out
 

@@ -15,6 +15,7 @@ import torch
 
 from grokquant.gptq.layout import MIN_ZERO
 from grokquant.quant.cholesky import reversed_cholesky_
+from grokquant.quant.sums import stack_mean, stack_sum
 
 
 @dataclass(frozen=True)
@@ -166,7 +167,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, cfg: IntQuantConfig, overwrite_h: boo
     else:
         perm = idx.expand(B, -1)
 
-    damp = cfg.damp * torch.diagonal(H, dim1=1, dim2=2).mean(-1)
+    damp = cfg.damp * stack_mean(torch.diagonal(H, dim1=1, dim2=2))
     H.diagonal(dim1=1, dim2=2).add_(damp[:, None])
     added = torch.gather(dead.float(), 1, perm) + damp[:, None]  # [B, cols] what the diagonal gained
     G, r = column_weights(H)  # H is overwritten
@@ -213,7 +214,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, cfg: IntQuantConfig, overwrite_h: boo
             d = torch.sub(W1[:, :, i], wq, out=D1[:, :, i])
             if i + 1 < i2 - i1:
                 T1[:, :, i + 1:].addcmul_(d[:, :, None], G1[:, None, i, i + 1:])
-        objective += E1.mul_(r[:, None, i1:i2]).pow_(2).sum((1, 2), dtype=torch.float64)
+        objective += stack_sum(E1.mul_(r[:, None, i1:i2]).pow_(2))
         added_share += (added[:, i1:i2] * D1.pow(2).sum(1)).sum(1, dtype=torch.float64)
         W[:, :, i2:].baddbmm_(D1, G[:, i1:i2, i2:])
 

@@ -30,6 +30,7 @@ import torch
 
 from grokquant.quant.ggml.base import QUANTIZERS, Quantizer
 from grokquant.quant.cholesky import upper_cholesky_of_inverse
+from grokquant.quant.sums import stack_mean, stack_sum
 
 
 def ggml_rtn(W: torch.Tensor, type_name: str, importance: torch.Tensor | None = None) -> torch.Tensor:
@@ -112,7 +113,7 @@ def gptq_ggml(W: torch.Tensor, H: torch.Tensor, type_name: str, damp: float = 0.
     H.diagonal(dim1=1, dim2=2)[dead] = 1
     # 1/diag(U)² (the Schur complement diagonal) measured no better than diag H as block importance
     importance = torch.diagonal(H, dim1=1, dim2=2).clone()
-    damping = damp * importance.mean(-1)
+    damping = damp * stack_mean(importance)
     H.diagonal(dim1=1, dim2=2).add_(damping[:, None])
     added = dead.float() + damping[:, None]  # as in gptq(): the objective less the added diagonal's share
     U = upper_cholesky_of_inverse(H)  # H⁻¹ = UᵀU
@@ -155,6 +156,6 @@ def gptq_ggml(W: torch.Tensor, H: torch.Tensor, type_name: str, damp: float = 0.
             Err1[:, :, j:k] = err
             d2 = (Q - W0[:, :, i1 + j:i1 + k].float()).pow(2).sum(1, dtype=torch.float64)  # [B, bs]
             added_share += (added[:, i1 + j:i1 + k] * d2).sum(1)
-        objective += Err1.pow(2).sum((1, 2), dtype=torch.float64)
+        objective += stack_sum(Err1.pow(2))
         W[:, :, i2:] -= Err1 @ U[:, i1:i2, i2:]
     return GGMLQuantized(out, objective - added_share)

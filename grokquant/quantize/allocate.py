@@ -40,6 +40,7 @@ from grokquant.quant.ggml.base import QUANTIZERS
 from grokquant.quant.ggml.mixes import NEEDS_IMATRIX, is_quantizable
 from grokquant.quant.ggml.types import TYPES
 from grokquant.quant.gptq_ggml import ggml_rtn
+from grokquant.quant.sums import stack_sum
 
 CANDIDATES = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "Q2_K", "IQ3_XXS", "IQ3_S", "Q3_K", "IQ4_XS", "Q4_K",
               "Q5_K", "Q6_K", "Q8_0")
@@ -86,7 +87,7 @@ def _weighted_error(W: torch.Tensor, type_name: str, imp: torch.Tensor | None, c
         d2 = d2 * col_weight.double()[:, None, :]
     if row_weight is not None:
         d2 = d2 * row_weight.double()[None, :, None]
-    return float(d2.sum()), Q
+    return float(stack_sum(d2[None])), Q
 
 
 class _Probe:

@@ -23,6 +23,7 @@ from grokquant.quant.ggml.base import QUANTIZERS
 from grokquant.quant.ggml.mixes import NEEDS_IMATRIX
 from grokquant.quant.gptq import IntQuantConfig, IntQuantized, gptq, rtn
 from grokquant.quant.gptq_ggml import ggml_rtn, gptq_ggml
+from grokquant.quant.sums import stack_sum
 from grokquant.quantize.recipe import GGUFRecipe, GPTQRecipe
 
 # module name of each quantized dense linear within a layer -> its table entry (group and class)
@@ -187,7 +188,7 @@ def symmetric_form(D: torch.Tensor, H: torch.Tensor, block: int = 512) -> torch.
             p = torch.bmm(dj, M)
             if j2 < cols:
                 p.baddbmm_(d[:, :, j2:], H[:, j2:, j1:j2])
-            total += p.mul_(dj).sum((1, 2), dtype=torch.float64)
+            total += stack_sum(p.mul_(dj))
     return total.mul_(2)
 
 
