@@ -430,7 +430,8 @@ def eval_(artifacts, data, ctx, stride, chunks, baseline, save_baseline, top_k, 
         click.echo(f"{row['artifact']}: PPL {row['ppl']:.3f}", err=True)
 
     results, label = run_eval(artifacts, data, ctx, stride, chunks, baseline, save_baseline, top_k, engine,
-                              semantics, batch_size, on_artifact=progress, force=force)
+                              semantics, batch_size, on_artifact=progress, force=force,
+                              on_message=lambda line: click.echo(line, err=True))
     if plot_path and results:
         plot(results, plot_path)
     if as_json:

@@ -1,3 +1,4 @@
+import os
 import shutil
 from pathlib import Path
 
@@ -5,6 +6,12 @@ import pytest
 import torch
 
 from grokquant.grok.synth import synth
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """`eval` keeps its resume work in the user's cache: the tests' (and their subprocesses') go elsewhere."""
+    os.environ["GROKQUANT_CACHE"] = str(tmp_path_factory.mktemp("cache"))
 
 
 @pytest.fixture(scope="session")

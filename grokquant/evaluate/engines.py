@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from grokquant.errors import GrokquantError
+from grokquant.evaluate.resume import PassWork
 from grokquant.evaluate.windows import Windows
 from grokquant.runtime.load import Source, open_source
 
@@ -67,18 +68,21 @@ def open_artifact(path: str | Path, engine: str = "torch", semantics: str | None
     return Artifact(Path(path), kind, engine, semantics or own_semantics)
 
 
-def scored_logits(art: Artifact, windows: Windows, batch_size: int = 8) -> Iterator[torch.Tensor]:
-    """Float32 logits [b, n_score, vocab] of the scored positions, a few windows at a time, in order."""
+def scored_logits(art: Artifact, windows: Windows, batch_size: int = 8, job: PassWork | None = None
+                  ) -> Iterator[torch.Tensor]:
+    """Float32 logits [b, n_score, vocab] of the scored positions, a few windows at a time, in order;
+    `job` keeps a streamed pass's hidden states between layers (evaluate/resume.py)."""
     if art.engine == "llama.cpp":
         yield from _llamacpp_logits(art.path, windows)
     else:
-        yield from _torch_logits(art, windows, batch_size)
+        yield from _torch_logits(art, windows, batch_size, job)
 
 
 # ---- torch -----------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def _torch_logits(art: Artifact, windows: Windows, batch_size: int) -> Iterator[torch.Tensor]:
+def _torch_logits(art: Artifact, windows: Windows, batch_size: int, job: PassWork | None
+                  ) -> Iterator[torch.Tensor]:
     from grokquant.grok.model import Grok2ForCausalLM
 
     with art.open() as source:
@@ -91,24 +95,30 @@ def _torch_logits(art: Artifact, windows: Windows, batch_size: int) -> Iterator[
         elif 4 * n_params <= WHOLE_MODEL_BYTES:
             model = Grok2ForCausalLM.from_checkpoint(weights, art.semantics)
         else:
-            yield from _streamed_logits(weights, art.semantics, windows, batch_size)
+            yield from _streamed_logits(weights, art.semantics, windows, batch_size, job)
             return
         span = windows.logit_span
         for i in range(0, len(windows.tokens), batch_size):
             yield model(windows.tokens[i:i + batch_size])[:, span]
 
 
-def _streamed_logits(source, semantics: str, windows: Windows, batch_size: int) -> Iterator[torch.Tensor]:
+def _streamed_logits(source, semantics: str, windows: Windows, batch_size: int, job: PassWork | None
+                     ) -> Iterator[torch.Tensor]:
     """One decoder layer's dense part or one expert in memory at a time; the hidden states of every window
-    wait between layers."""
+    wait between layers (and, with `job`, are saved after a layer every SAVE_SECONDS)."""
     from grokquant.grok.model import Grok2ForCausalLM
     from grokquant.grok.streaming import LayerStreamer
 
     cfg = source.config
     streamer = LayerStreamer(Grok2ForCausalLM.empty(cfg, semantics), source.tensor, windows.ctx)
-    hidden = streamer.embed(windows.tokens, batch_size)
-    for layer in range(cfg.num_hidden_layers):
+    saved = job.saved_hidden() if job else None
+    if job:
+        job.streaming = True
+    start, hidden = saved or (0, streamer.embed(windows.tokens, batch_size))
+    for layer in range(start, cfg.num_hidden_layers):
         hidden = streamer.run(layer, hidden)
+        if job and layer + 1 < cfg.num_hidden_layers and job.work.due():
+            job.save_hidden(layer + 1, hidden)
     for h in hidden:
         yield streamer.head(h[:, windows.logit_span])
 

@@ -17,12 +17,13 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
 from grokquant.errors import GrokquantError
 from grokquant.evaluate.engines import Artifact, scored_logits
+from grokquant.evaluate.resume import COMPRESSED, SCORES, EvalWork
 from grokquant.evaluate.windows import Windows
 from grokquant.io.paths import replacing
 from grokquant.quant.sums import stack_sum
@@ -65,34 +66,88 @@ def _log_rest(logp: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 
 def score_pass(logits: Iterator[torch.Tensor], windows: Windows, base: BaselineLogits | None = None,
-               compress_k: int | None = None) -> TokenScores:
-    """Per-token statistics of one artifact; with `compress_k`, also its top-k compressed log-probs."""
-    targets = windows.targets().reshape(-1)
-    scores = TokenScores()
-    at = 0
-    for window in (w for chunk in logits for w in chunk):  # one window at a time: [n_score, vocab] in float64
-        logp = torch.log_softmax(window.double(), dim=-1)
-        n = logp.shape[0]
-        tgt = targets[at:at + n]
-        target_logp = logp.gather(1, tgt[:, None])[:, 0]
-        scores.nll.append(-target_logp)
-        if compress_k:
-            top_logp, top_ids = logp.topk(min(compress_k, logp.shape[1]), dim=1)
-            scores.compressed.append((top_ids, top_logp.float(), _log_rest(logp, top_ids).float(), target_logp.float()))
-        if base is not None:
-            ids = base.top_ids[at:at + n]
-            p_logp = base.top_logp[at:at + n].double()
-            q_logp = logp.gather(1, ids)
-            kld = (p_logp.exp() * (p_logp - q_logp)).sum(1)
-            p_rest = base.rest_logp[at:at + n].double()
-            rest = p_rest.exp() * (p_rest - _log_rest(logp, ids))
-            scores.kld.append(kld + torch.where(torch.isinf(p_rest), torch.zeros_like(rest), rest))
-            scores.dp.append(target_logp.exp() - base.target_logp[at:at + n].double().exp())
-            scores.same_top.append(logp.argmax(1) == ids[:, 0])
-        at += n
+               compress_k: int | None = None, start: int = 0, scores: TokenScores | None = None,
+               on_chunk: Callable[[TokenScores, int], None] | None = None) -> TokenScores:
+    """Per-token statistics of one artifact; with `compress_k`, also its top-k compressed log-probs.
+
+    `logits` are those of the windows from `start` on, appended to `scores` (a resumed pass's);
+    on_chunk(scores, windows done) follows each chunk of logits."""
+    targets = windows.targets()[start:].reshape(-1)
+    scores = scores or TokenScores()
+    at, offset, done = 0, start * windows.n_score, start
+    for chunk in logits:
+        for window in chunk:  # one window at a time: [n_score, vocab] in float64
+            logp = torch.log_softmax(window.double(), dim=-1)
+            n = logp.shape[0]
+            tgt = targets[at:at + n]
+            target_logp = logp.gather(1, tgt[:, None])[:, 0]
+            scores.nll.append(-target_logp)
+            if compress_k:
+                top_logp, top_ids = logp.topk(min(compress_k, logp.shape[1]), dim=1)
+                scores.compressed.append((top_ids, top_logp.float(), _log_rest(logp, top_ids).float(),
+                                          target_logp.float()))
+            if base is not None:
+                b = slice(offset + at, offset + at + n)
+                ids = base.top_ids[b]
+                p_logp = base.top_logp[b].double()
+                q_logp = logp.gather(1, ids)
+                kld = (p_logp.exp() * (p_logp - q_logp)).sum(1)
+                p_rest = base.rest_logp[b].double()
+                rest = p_rest.exp() * (p_rest - _log_rest(logp, ids))
+                scores.kld.append(kld + torch.where(torch.isinf(p_rest), torch.zeros_like(rest), rest))
+                scores.dp.append(target_logp.exp() - base.target_logp[b].double().exp())
+                scores.same_top.append(logp.argmax(1) == ids[:, 0])
+            at += n
+        done += len(chunk)
+        if on_chunk:
+            on_chunk(scores, done)
     if at != len(targets):
         raise GrokquantError(f"got logits for {at} of {len(targets)} scored tokens")
     return scores
+
+
+def scored_pass(art: Artifact, windows: Windows, batch_size: int = 8, base: BaselineLogits | None = None,
+                compress_k: int | None = None, work: EvalWork | None = None) -> TokenScores:
+    """score_pass over the artifact's logits; with `work`, what an interrupted run finished is reused and
+    the new windows' scores are saved as they come (evaluate/resume.py)."""
+    if work is None:
+        return score_pass(scored_logits(art, windows, batch_size), windows, base, compress_k)
+    job = work.next_pass(f"{art.path.resolve()} {art.engine} {art.semantics} top-{compress_k or 0}")
+    scores = TokenScores()
+    for saved in job.saved_scores():
+        _append(scores, saved)
+    if job.entry["complete"]:
+        return scores
+    start = job.windows_done
+    kept = {name: len(getattr(scores, name)) for name in (*SCORES, "compressed")}
+
+    def save(scores: TokenScores, done: int, complete: bool = False) -> None:
+        if complete or (work.due() and not job.streaming):
+            job.save_scores(_tensors(scores, kept), done, complete)
+            kept.update({name: len(getattr(scores, name)) for name in kept})
+
+    rest = Windows(windows.tokens[start:], windows.stride, windows.n_score)
+    scores = score_pass(scored_logits(art, rest, batch_size, job), windows, base, compress_k, start, scores, save)
+    save(scores, len(windows.tokens), complete=True)
+    return scores
+
+
+def _tensors(scores: TokenScores, kept: dict[str, int]) -> dict[str, torch.Tensor]:
+    """The scores appended since `kept` (entries per list), as flat tensors."""
+    out = {name: torch.cat(getattr(scores, name)[kept[name]:]) for name in SCORES
+           if len(getattr(scores, name)) > kept[name]}
+    new = scores.compressed[kept["compressed"]:]
+    if new:
+        out.update({name: torch.cat(part) for name, part in zip(COMPRESSED, zip(*new))})
+    return out
+
+
+def _append(scores: TokenScores, saved: dict[str, torch.Tensor]) -> None:
+    for name in SCORES:
+        if name in saved:
+            getattr(scores, name).append(saved[name])
+    if COMPRESSED[0] in saved:
+        scores.compressed.append(tuple(saved[name] for name in COMPRESSED))
 
 
 # ---- statistics (llama-perplexity's formulas) ------------------------------------------------------
@@ -154,14 +209,14 @@ class Baseline:
     artifact: Artifact | None = None  # to compute semantics not yet present
     scores: dict[str, TokenScores] = field(default_factory=dict)  # the baseline artifact's own, per semantics
 
-    def for_semantics(self, semantics: str, batch_size: int = 8) -> BaselineLogits:
+    def for_semantics(self, semantics: str, batch_size: int = 8, work: EvalWork | None = None) -> BaselineLogits:
         """The baseline under `semantics`, computed (always by the torch engine) on first use."""
         if semantics not in self.logits:
             if self.artifact is None:
                 raise GrokquantError(f"the saved baseline holds {', '.join(self.logits)} logits, not {semantics}; "
                                      f"evaluate against the baseline artifact itself, or pass --semantics")
             art = Artifact(self.artifact.path, self.artifact.kind, "torch", semantics)
-            scores = score_pass(scored_logits(art, self.windows, batch_size), self.windows, compress_k=self.top_k)
+            scores = scored_pass(art, self.windows, batch_size, compress_k=self.top_k, work=work)
             self.logits[semantics] = scores.baseline()
             scores.compressed = []  # kept once, in self.logits
             self.scores[semantics] = scores

@@ -13,22 +13,24 @@ from pathlib import Path
 import torch
 
 from grokquant.errors import GrokquantError
-from grokquant.evaluate.engines import ENGINES, Artifact, open_artifact, scored_logits
-from grokquant.evaluate.metrics import DEFAULT_TOP_K, Baseline, is_baseline_file, score_pass, summarize
+from grokquant.evaluate.engines import ENGINES, Artifact, open_artifact
+from grokquant.evaluate.metrics import DEFAULT_TOP_K, Baseline, is_baseline_file, scored_pass, summarize
+from grokquant.evaluate.resume import EvalWork, fingerprint, resumable
 from grokquant.evaluate.windows import Windows, evaluation_tokens, make_windows, sample_text
 
 
 def evaluate(artifacts: list[Artifact], windows: Windows, baseline: Baseline | None = None, batch_size: int = 8,
-             on_artifact=None) -> list[dict]:
-    """One result dict per artifact (in order): size, perplexity, and statistics against the baseline."""
+             on_artifact=None, work: EvalWork | None = None) -> list[dict]:
+    """One result dict per artifact (in order): size, perplexity, and statistics against the baseline;
+    with `work`, resumable (evaluate/resume.py)."""
     from grokquant.runtime.sizes import param_counts
 
     results = []
     for art in artifacts:
-        base = baseline.for_semantics(art.semantics, batch_size) if baseline else None
+        base = baseline.for_semantics(art.semantics, batch_size, work) if baseline else None
         scores = baseline.own_scores(art) if baseline else None
         if scores is None:
-            scores = score_pass(scored_logits(art, windows, batch_size), windows, base)
+            scores = scored_pass(art, windows, batch_size, base, work=work)
         with art.open() as source:
             size = source.size_bytes()
             n_params = param_counts(source.config.all_shapes(), source.config)["total"]
@@ -62,7 +64,7 @@ def check_same_tokenizer(artifacts: list[Artifact], tok, sample: str) -> None:
 def run_eval(paths: list[str | Path], data: str | Path = "builtin", ctx: int = 512, stride: int | None = None,
              chunks: int | None = None, baseline: str | Path | None = None, save_baseline: str | Path | None = None,
              top_k: int = DEFAULT_TOP_K, engine: str = "torch", semantics: str | None = None, batch_size: int = 8,
-             on_artifact=None, force: bool = False) -> tuple[list[dict], str | None]:
+             on_artifact=None, force: bool = False, on_message=None) -> tuple[list[dict], str | None]:
     """`grokquant eval`: open everything, make the windows, evaluate; returns (results, baseline label).
 
     `engine` applies to GGUF files (`both`: a row for each engine); `baseline` is an artifact or a file
@@ -99,10 +101,17 @@ def run_eval(paths: list[str | Path], data: str | Path = "builtin", ctx: int = 5
         base = Baseline(windows, top_k, base_art.label, artifact=base_art)
     else:
         base = None
-    results = evaluate(artifacts, windows, base, batch_size, on_artifact)
-    if save_baseline:
-        wanted = {"sglang", "llama.cpp"} if semantics is None else {semantics}
-        for sem in sorted(wanted | {a.semantics for a in artifacts}):
-            base.for_semantics(sem, batch_size)
-        base.save(save_baseline)
+    options = dict(engine=engine, semantics=semantics, top_k=top_k, batch_size=batch_size, stride=windows.stride,
+                   n_score=windows.n_score, artifacts=[(str(a.path.resolve()), a.engine, a.semantics) for a in artifacts],
+                   baseline=str(Path(baseline).resolve()) if baseline else None, save_baseline=bool(save_baseline))
+    inputs = [*paths, *([baseline] if baseline else [])]
+    with resumable(fingerprint(options, inputs, windows.tokens), on_message) as work:
+        results = evaluate(artifacts, windows, base, batch_size, on_artifact, work)
+        if save_baseline:
+            wanted = {"sglang", "llama.cpp"} if semantics is None else {semantics}
+            for sem in sorted(wanted | {a.semantics for a in artifacts}):
+                base.for_semantics(sem, batch_size, work)
+            base.save(save_baseline)
+        if work:
+            work.finish()
     return results, base.label if base else None
