@@ -25,7 +25,7 @@ import torch
 
 from grokquant.quant.ggml import iq_grids
 from grokquant.quant.ggml.base import Quantizer, fp16_from_bytes
-from grokquant.quant.ggml.compiled import kernel, nearest_int
+from grokquant.quant.ggml.compiled import bits, kernel, nearest_int
 
 F32 = np.float32
 DELTA = 0.125  # IQ1S_DELTA = IQ1M_DELTA
@@ -78,11 +78,12 @@ def _group_max(xb, o, n):
 
 
 @kernel
-def _sort_group(xb, o, n, order):
+def _sort_group(xb, o, n, order, keys):
     """order[:n]: the group's positions by ascending value, ties in element order: the order of glibc's qsort
     with iq1_sort_helper (a stable merge sort at these sizes; `<` takes -0.0 as 0.0). Each element's place is
-    the count of those before it (a branch-free count); with a NaN, counts are no order (and the group finds
-    no split, so any order will do): then an insertion sort."""
+    the count of smaller keys, key = the value's bits made to sort as integers, then its position (a
+    branch-free count over all n, which vectorises); with a NaN, counts are no order (and the group finds no
+    split, so any order will do): then an insertion sort."""
     nan = False
     for i in range(n):
         nan |= xb[o + i] != xb[o + i]
@@ -95,12 +96,14 @@ def _sort_group(xb, o, n, order):
             order[j] = i
         return
     for i in range(n):
-        v = xb[o + i]
+        u = np.int64(bits(xb[o + i] + F32(0)))  # + 0: -0.0 becomes 0.0, as equal to it as `<` takes it
+        u = u ^ np.int64(0x7FFFFFFF) if u < 0 else u  # negatives: larger magnitude, smaller integer
+        keys[i] = (u << 6) | i
+    for i in range(n):
+        k = keys[i]
         r = 0
-        for j in range(i):
-            r += xb[o + j] <= v
-        for j in range(i + 1, n):
-            r += xb[o + j] < v
+        for j in range(n):
+            r += keys[j] < k
         order[r] = i
 
 
@@ -243,6 +246,7 @@ def _quantize_iq1_s(x, qw, out, d_out, kmap, codes, first, flat, packed):
     every group's scale is 0 (C writes d = 0 there and no scale bits)."""
     w = np.empty(256, np.float32)
     order = np.empty(32, np.int64)
+    keys = np.empty(32, np.int64)
     L = np.empty(32, np.int64)
     S = np.empty(33, np.float32)
     W = np.empty(33, np.float32)
@@ -263,7 +267,7 @@ def _quantize_iq1_s(x, qw, out, d_out, kmap, codes, first, flat, packed):
             scales[ib], shifts[ib] = 0, 1
             if _group_max(xb, o, 32) < GROUP_MAX_EPS_IQ1_S:
                 continue
-            _sort_group(xb, o, 32, order)
+            _sort_group(xb, o, 32, order, keys)
             i1, i2, shift, scale = _iq1s_split(xb, w, o, order, S, W, T)
             if i1 < 0:
                 continue
@@ -356,6 +360,7 @@ def _quantize_iq1_m(x, qw, has_qw, out, d_out, live, kmap, codes, first, flat, p
     d*1.1125 and live [nb]: whether the block has a nonzero group scale (C writes its scale bytes then)."""
     w = np.empty(256, np.float32)
     order = np.empty(16, np.int64)
+    keys = np.empty(16, np.int64)
     L = np.empty(16, np.int64)
     P = np.empty((2, 17), np.float32)
     PW = np.empty((2, 17), np.float32)
@@ -381,7 +386,7 @@ def _quantize_iq1_m(x, qw, has_qw, out, d_out, live, kmap, codes, first, flat, p
             grid_index[ib, 0] = grid_index[ib, 1] = 0
             if _group_max(xb, o, 16) < GROUP_MAX_EPS_IQ1_M:
                 continue
-            _sort_group(xb, o, 16, order)
+            _sort_group(xb, o, 16, order, keys)
             i1, i2, k, scale = _iq1m_split(xb, w, o, order, P, PW, A2, B2, TX)
             if i1 < 0:
                 continue
