@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from grokquant.quant.ggml import kquant_kernels as kk
+from grokquant.quant.ggml.lanes import qx_numerators, trial_numerators
 from grokquant.quant.ggml.base import Quantizer, fp16_from_bytes
 
 QK_K = 256
@@ -53,7 +54,7 @@ class _KQuant45(_KQuant):
 
     def kernel_args(self, use_qw):
         search = IMATRIX_SEARCH if use_qw else self.ref_search
-        return self.nmax, kk.trial_numerators(self.nmax, *search), self.clamp_qp_codes
+        return self.nmax, trial_numerators(self.nmax, *search), self.clamp_qp_codes
 
     @staticmethod
     def pack_scales(ls: torch.Tensor, lm: torch.Tensor) -> torch.Tensor:
@@ -140,7 +141,7 @@ class Q6_K(_KQuant, name="Q6_K"):
     kernel = staticmethod(kk.quantize_q6)
 
     def kernel_args(self, use_qw):
-        return (kk.qx_numerators(32),)
+        return (qx_numerators(32),)
 
     @staticmethod
     def _pack_q(q: torch.Tensor) -> torch.Tensor:
@@ -198,7 +199,7 @@ class Q2_K(_KQuant2, name="Q2_K"):
     kernel = staticmethod(kk.quantize_q2)
 
     def kernel_args(self, use_qw):
-        return (kk.trial_numerators(3, *(IMATRIX_SEARCH if use_qw else (-0.5, 0.1, 15))),)
+        return (trial_numerators(3, *(IMATRIX_SEARCH if use_qw else (-0.5, 0.1, 15))),)
 
     def _sub_scales(self, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         sc = b[:, :16]
@@ -228,7 +229,7 @@ class Q3_K(_KQuant2, name="Q3_K"):
     kernel = staticmethod(kk.quantize_q3)
 
     def kernel_args(self, use_qw):
-        return kk.qx_numerators(4), kk.qx_numerators(32)
+        return qx_numerators(4), qx_numerators(32)
 
     @staticmethod
     def pack_scales(c: torch.Tensor) -> torch.Tensor:

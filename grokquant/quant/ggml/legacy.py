@@ -4,7 +4,7 @@ The kernels port quantize_row_q8_0_ref / q4_0_ref / q4_1_ref / q5_0_ref / q5_1_r
 quantize_row_q4_0_impl / q5_0_impl (make_qx_quants, rmse_type 1) and q4_1_impl / q5_1_impl
 (make_qkx3_quants(-0.9, 0.05, 36)) on weights qw * sqrtf(sigma2 + x^2), sigma2 = mean x^2 over the whole row
 (so `quantize` computes it per row), in C's float32 arithmetic (compiled.kernel); the two searches are
-kquant_kernels' lane ports of make_qx_quants / make_qkx3_quants, shared with the K-quants. C's float -> int8
+lanes.py's ports of make_qx_quants / make_qkx3_quants, shared with the K-quants. C's float -> int8
 casts keep x86's result (NaN or out of range -> 0x80000000, low byte 0); d and m are rounded to fp16 in the
 kernel (compiled.put_fp16, integer ops as F16C does), so each block is written in one pass.
 What differs from C, without changing a byte:
@@ -25,7 +25,7 @@ import torch
 
 from grokquant.quant.ggml.base import Quantizer, fp16_from_bytes, quantize_chunks
 from grokquant.quant.ggml.compiled import F32, IMAX, INF_BITS, bits, inline, kernel, put_fp16
-from grokquant.quant.ggml.kquant_kernels import lane_vectors, qkx_lanes, qx_lanes, qx_numerators, trial_numerators
+from grokquant.quant.ggml.lanes import lane_vectors, qkx_lanes, qx_lanes, qx_numerators, trial_numerators
 
 QK = 32
 LANES = 64  # blocks searched together, one per SIMD lane (4 AVX-512 vectors: independent sums overlap)
@@ -209,7 +209,7 @@ def _row_sigma2(x, s2):
 @kernel
 def _legacy_imatrix_blocks(x, qw, s2, out, bits, has_min, nmax, nums, G):
     """quantize_row_q{4,5}_{0,1}_impl for blocks x [nb, 32]: block b has weights qw[b % len(qw)] and its
-    row's sigma2 s2[b]; nums: the search's trial numerators. The searches are kquant_kernels' lane ports of
+    row's sigma2 s2[b]; nums: the search's trial numerators. The searches are lanes.py's ports of
     make_qx_quants / make_qkx3_quants, on G blocks at a time (G passed at run time: a lane loop of unknown
     length is vectorized, not unrolled into the element loop around it)."""
     nb, nq = x.shape[0], qw.shape[0]
