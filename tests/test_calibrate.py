@@ -1,3 +1,5 @@
+import json
+
 import torch
 from gguf import GGUFReader
 
@@ -88,22 +90,29 @@ def test_expert_without_tokens_is_reported(tmp_path):
     assert torch.isfinite(entries["blk.0.ffn_gate_exps.weight"][0]).all()
 
 
-KILLED_AFTER_LAYER_0 = """
+# the CLI killed with SIGKILL (no cleanup runs) right after the N-th call of a LayerWork method: save_tensors
+# (a layer's file written, its record not yet) or commit (the layer's record on disk)
+KILLED_CALIBRATE = """
 import os, signal, sys
 from grokquant.io.layer_work import LayerWork
-real = LayerWork.commit
-def commit(self, state, *args):
-    real(self, state, *args)
-    os.kill(os.getpid(), signal.SIGKILL)  # no cleanup runs
-LayerWork.commit = commit
+name, nth = sys.argv.pop(1), int(sys.argv.pop(1))
+real, seen = getattr(LayerWork, name), [0]
+def killing(self, *args):
+    out = real(self, *args)
+    seen[0] += 1
+    if seen[0] == nth:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return out
+setattr(LayerWork, name, killing)
 from grokquant.cli import main
 main(prog_name="grokquant")
 """
 
 
 def test_calibrate_resumes_after_kill_9_with_the_same_bytes(tiny_tp8, tmp_path, monkeypatch):
-    """kill -9 after layer 0 is kept; the re-run starts at layer 1 (the embedding is never run again) and
-    writes the statistics and the imatrix of an uninterrupted run."""
+    """Killed after layer 0's file but before its record (nothing kept), after layer 0, then after layer 1,
+    each run resuming the one before; the last re-run embeds nothing and writes the statistics and the imatrix
+    of an uninterrupted run."""
     import subprocess
     import sys
 
@@ -114,10 +123,13 @@ def test_calibrate_resumes_after_kill_9_with_the_same_bytes(tiny_tp8, tmp_path, 
 
     args = ["calibrate", str(tiny_tp8), "-o", str(tmp_path / "s.safetensors"), "--imatrix",
             str(tmp_path / "i.gguf"), "--hessians", "--tokens", "256", "--seq-len", "64"]
-    killed = subprocess.run([sys.executable, "-c", KILLED_AFTER_LAYER_0, *args], capture_output=True, text=True)
-    assert killed.returncode == -9, killed.stderr[-2000:]
     work = tmp_path / ".s.safetensors.partial"
-    assert not (tmp_path / "s.safetensors").exists() and (work / "progress.json").exists()
+    for kill, layers_done in ((("save_tensors", "1"), 0), (("commit", "1"), 1), (("commit", "1"), 2)):
+        killed = subprocess.run([sys.executable, "-c", KILLED_CALIBRATE, *kill, *args], capture_output=True, text=True)
+        assert killed.returncode == -9, killed.stderr[-2000:]
+        assert not (tmp_path / "s.safetensors").exists()
+        record = work / "progress.json"
+        assert (json.loads(record.read_text())["done"] if record.exists() else 0) == layers_done
 
     tok = load_tokenizer(Checkpoint.open(tiny_tp8).tokenizer_path)
     tokens = calibration_tokens(tok, "builtin", 256, 64)
