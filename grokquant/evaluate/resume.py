@@ -100,7 +100,9 @@ class EvalWork:
             return
         try:
             state = json.loads(record.read_text())
-            if state.get("fingerprint") != self.fingerprint or not isinstance(state.get("passes"), dict):
+            passes = state.get("passes")
+            if state.get("fingerprint") != self.fingerprint or not isinstance(passes, dict) or not all(
+                    isinstance(p, dict) and {"label", "complete", "windows", "files"} <= p.keys() for p in passes.values()):
                 raise ValueError("not this evaluation's record")
         except (ValueError, UnicodeDecodeError, AttributeError) as e:
             raise GrokquantError(f"{record} is damaged ({e}): delete {self.dir} to start over") from None
