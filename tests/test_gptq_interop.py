@@ -1,4 +1,5 @@
-"""auto-gptq's own QuantLinear reads our GPTQ artifacts the way we wrote them (spec quant.md §12).
+"""auto-gptq's own QuantLinear reads our GPTQ artifacts the way we wrote them (auto-gptq's checkpoint
+format: qweight, qzeros, scales, g_idx).
 
 Runs only where auto-gptq is importable (`make test-interop` builds such a venv); skipped otherwise. On CPU
 auto-gptq 0.7.1 picks qlinear_cuda_old (contiguous groups, g_idx ignored) or qlinear_cuda (desc_act: groups

@@ -22,10 +22,11 @@ def model(ckpt):
 
 
 def naive_sglang(ckpt, tokens, temperature_len=None):
-    """Spec grok2.md §5 written out token by token in float64, independent of grokquant.model."""
+    """SGLang's forward pass (python/sglang/srt/models/grok.py) written out token by token in float64,
+    independent of grokquant.model."""
     cfg = ckpt.config
     W = {n: ckpt.tensor(n).double() for n in ckpt.names()}
-    H, nh, nkv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     tlen = temperature_len or cfg.attn_temperature_len
 
     def rms(x, w):
@@ -147,7 +148,7 @@ def test_gelu_flavours():
 
 def test_rope_variants_for_real_config():
     cfg = GrokConfig()
-    assert yarn_corr_dims(cfg) == (17, 24)  # spec grok2.md §6
+    assert yarn_corr_dims(cfg) == (17, 24)  # llama.cpp's ggml_rope_yarn_corr_dims for the release config
     pos = torch.arange(0, 4096, 97)
     cos, sin = rope_cos_sin(pos, cfg, PRESETS["sglang"])
     ccos, csin = rope_cos_sin(pos, cfg, PRESETS["llama.cpp"])
