@@ -79,3 +79,24 @@ def test_kill_9_then_resume_prints_the_uninterrupted_numbers(tiny_tp8, artifacts
     assert "resuming an interrupted evaluation" in done.stderr
     assert json.loads(done.stdout)["results"] == clean
     assert list(cache.iterdir()) == []  # the work folder and its lock are gone
+
+
+def test_leftovers_without_a_record_are_removed_and_a_damaged_record_is_refused(tmp_path, monkeypatch):
+    from grokquant.errors import GrokquantError
+    from grokquant.evaluate.resume import EvalWork, resumable
+
+    monkeypatch.setenv("GROKQUANT_CACHE", str(tmp_path))
+    work = EvalWork("ab" * 32)
+    work.dir.mkdir()
+    (work.dir / "pass-000-00000.safetensors").write_bytes(b"half a file")  # killed before its first record
+    said = []
+    with resumable("ab" * 32, said.append) as got:
+        assert got is not None and not work.dir.exists()
+    assert len(said) == 1 and said[0].startswith(f"removed {work.dir}")
+    work.dir.mkdir()
+    (work.dir / "progress.json").write_text('{"fingerprint": "' + "ab" * 32 + '", "passes": {"000": {}}}')
+    with pytest.raises(GrokquantError, match="damaged.*delete") as err:
+        with resumable("ab" * 32):
+            pass
+    assert "\n" not in str(err.value) and work.dir.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [work.dir.name]  # the lock went with the refusal

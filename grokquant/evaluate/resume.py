@@ -75,9 +75,9 @@ def resumable(fingerprint: str, on_message=None) -> Iterator["EvalWork | None"]:
         yield None
         return
     try:
-        work.read()
-        if work.summary() and on_message:
-            on_message(work.summary())
+        message = work.read() or work.summary()
+        if message and on_message:
+            on_message(message)
         yield work
     finally:
         lock.__exit__(None, None, None)
@@ -93,11 +93,14 @@ class EvalWork:
         self.passes_started = 0
         self.last_save = time.monotonic()
 
-    def read(self) -> None:
+    def read(self) -> str | None:
+        """Take up an interrupted run's record; returns a message when leftovers without one were removed."""
         record = self.dir / "progress.json"
         if not record.exists():
-            shutil.rmtree(self.dir, ignore_errors=True)  # files of a run killed before its first record
-            return
+            if self.dir.exists():  # files of a run killed before its first record: nothing to resume
+                shutil.rmtree(self.dir, ignore_errors=True)
+                return f"removed {self.dir}: an interrupted evaluation that had finished nothing"
+            return None
         try:
             state = json.loads(record.read_text())
             passes = state.get("passes")
@@ -107,6 +110,7 @@ class EvalWork:
         except (ValueError, UnicodeDecodeError, AttributeError) as e:
             raise GrokquantError(f"{record} is damaged ({e}): delete {self.dir} to start over") from None
         self.state = state
+        return None
 
     def summary(self) -> str | None:
         """What an interrupted run left, for a message; None if nothing."""
