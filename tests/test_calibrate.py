@@ -9,6 +9,8 @@ from grokquant.calibrate.imatrix import load_imatrix, save_imatrix
 from grokquant.grok.model import Grok2ForCausalLM, rope_cos_sin
 from grokquant.grok.synth import random_slice, synth_config, write_checkpoint
 
+import killed_cli
+
 
 def test_statistics_equal_independent_computation(tiny_tp8):
     ckpt = Checkpoint.open(tiny_tp8)
@@ -90,23 +92,9 @@ def test_expert_without_tokens_is_reported(tmp_path):
     assert torch.isfinite(entries["blk.0.ffn_gate_exps.weight"][0]).all()
 
 
-# the CLI killed with SIGKILL (no cleanup runs) right after the N-th call of a LayerWork method: save_tensors
-# (a layer's file written, its record not yet) or commit (the layer's record on disk)
-KILLED_CALIBRATE = """
-import os, signal, sys
-from grokquant.io.layer_work import LayerWork
-name, nth = sys.argv.pop(1), int(sys.argv.pop(1))
-real, seen = getattr(LayerWork, name), [0]
-def killing(self, *args):
-    out = real(self, *args)
-    seen[0] += 1
-    if seen[0] == nth:
-        os.kill(os.getpid(), signal.SIGKILL)
-    return out
-setattr(LayerWork, name, killing)
-from grokquant.cli import main
-main(prog_name="grokquant")
-"""
+# the CLI killed right after the N-th call of a LayerWork method: save_tensors (a layer's file written, its
+# record not yet) or commit (the layer's record on disk)
+KILLED_CALIBRATE = killed_cli.script()
 
 
 def test_calibrate_resumes_after_kill_9_with_the_same_bytes(tiny_tp8, tmp_path, monkeypatch):
@@ -124,7 +112,9 @@ def test_calibrate_resumes_after_kill_9_with_the_same_bytes(tiny_tp8, tmp_path, 
     args = ["calibrate", str(tiny_tp8), "-o", str(tmp_path / "s.safetensors"), "--imatrix",
             str(tmp_path / "i.gguf"), "--hessians", "--tokens", "256", "--seq-len", "64"]
     work = tmp_path / ".s.safetensors.partial"
-    for kill, layers_done in ((("save_tensors", "1"), 0), (("commit", "1"), 1), (("commit", "1"), 2)):
+    work_method = "grokquant.io.layer_work:LayerWork."
+    for kill, layers_done in (((work_method + "save_tensors", "1"), 0), ((work_method + "commit", "1"), 1),
+                              ((work_method + "commit", "1"), 2)):
         killed = subprocess.run([sys.executable, "-c", KILLED_CALIBRATE, *kill, *args], capture_output=True, text=True)
         assert killed.returncode == -9, killed.stderr[-2000:]
         assert not (tmp_path / "s.safetensors").exists()

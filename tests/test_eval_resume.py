@@ -18,26 +18,18 @@ from grokquant.gguf.convert import convert
 from grokquant.quantize.recipe import GGUFRecipe, load_recipe
 from grokquant.quantize.run import quantize
 
+import killed_cli
+
 # the CLI with a save after every batch of windows (or layer, when streaming), killed right after the
 # N-th save reaches the disk
-KILLED_CLI = """
-import os, signal, sys
+KILLED_CLI = killed_cli.script("""
 import grokquant.evaluate.engines as engines
 import grokquant.evaluate.resume as resume
 resume.SAVE_SECONDS = 0
-nth, streamed = int(sys.argv.pop(1)), sys.argv.pop(1) == "streamed"
-if streamed:
+if sys.argv.pop(1) == "streamed":
     engines.WHOLE_MODEL_BYTES = 0  # the checkpoint and the GPTQ artifact go through a layer at a time
-real, seen = resume.EvalWork.commit, [0]
-def commit(self, files):
-    real(self, files)
-    seen[0] += 1
-    if seen[0] == nth:
-        os.kill(os.getpid(), signal.SIGKILL)
-resume.EvalWork.commit = commit
-from grokquant.cli import main
-main(prog_name="grokquant")
-"""
+""")
+COMMIT = "grokquant.evaluate.resume:EvalWork.commit"
 
 
 OPTIONS = dict(ctx=64, chunks=8, batch_size=2)  # 4 batches of windows per pass
@@ -54,7 +46,7 @@ def artifacts(tiny_tp8, tmp_path_factory):
 
 def killed_eval(args, kill_at: int, mode: str, cache: Path) -> subprocess.CompletedProcess:
     options = [f"--{k.replace('_', '-')}={v}" for k, v in OPTIONS.items()]
-    return subprocess.run([sys.executable, "-c", KILLED_CLI, str(kill_at), mode, "eval", *map(str, args), *options,
+    return subprocess.run([sys.executable, "-c", KILLED_CLI, COMMIT, str(kill_at), mode, "eval", *map(str, args), *options,
                            "--json"], capture_output=True, text=True, env={**os.environ, "GROKQUANT_CACHE": str(cache)})
 
 

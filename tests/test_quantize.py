@@ -10,6 +10,7 @@ from grokquant.grok.checkpoint import Checkpoint
 from grokquant.errors import GrokquantError
 from grokquant.quantize.run import GPTQRecipe, quantize
 from grokquant.grok.tokenizer import load_tokenizer
+import killed_cli
 from test_gptq_format import unpack_v1
 
 
@@ -377,32 +378,17 @@ def test_batch_sizes_below_one_are_refused(tiny_tp8, tokens, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-# the CLI killed with SIGKILL (no cleanup runs) at the N-th call of one function: `gptq` (mid-layer, before
-# any of the layer is kept) or LayerWork.commit (right after a layer's record reached the disk)
-KILLED_QUANTIZE = """
-import os, signal, sys
-import grokquant.quantize.items as items
-from grokquant.io.layer_work import LayerWork
-where, nth = sys.argv.pop(1), int(sys.argv.pop(1))
-owner, name = (items, "gptq") if where == "gptq" else (LayerWork, "commit")
-real, seen = getattr(owner, name), [0]
-def killing(*args, **kw):
-    out = real(*args, **kw)
-    seen[0] += 1
-    if seen[0] == nth:
-        os.kill(os.getpid(), signal.SIGKILL)
-    return out
-setattr(owner, name, killing)
-from grokquant.cli import main
-main(prog_name="grokquant")
-"""
+# the CLI killed right after the N-th call of one function: `gptq` (mid-layer, before any of the layer is
+# kept) or LayerWork.commit (right after a layer's record reached the disk)
+KILLED_QUANTIZE = killed_cli.script()
+GPTQ, COMMIT = "grokquant.quantize.items:gptq", "grokquant.io.layer_work:LayerWork.commit"
 
 
 def test_kill_9_at_three_points_then_resume_gives_the_uninterrupted_bytes(tiny_tp8, tmp_path):
     import subprocess
     import sys
 
-    def cli(out, kill=("none", "0")):
+    def cli(out, kill=(COMMIT, "0")):
         return subprocess.run([sys.executable, "-c", KILLED_QUANTIZE, *kill, "quantize", str(tiny_tp8), "-o", str(out),
                                "--tokens", "512", "--seq-len", "64", "--device", "cpu"], capture_output=True, text=True)
 
@@ -410,7 +396,7 @@ def test_kill_9_at_three_points_then_resume_gives_the_uninterrupted_bytes(tiny_t
     assert clean.returncode == 0, clean.stderr[-2000:]
     out, record = tmp_path / "killed", tmp_path / ".killed.partial" / "progress.json"
     # mid-way through layer 0 (its 3rd GPTQ stack); after layer 0; after layer 1, before the artifact is assembled
-    for kill, layers_done in ((("gptq", "3"), 0), (("commit", "1"), 1), (("commit", "1"), 2)):
+    for kill, layers_done in (((GPTQ, "3"), 0), ((COMMIT, "1"), 1), ((COMMIT, "1"), 2)):
         killed = cli(out, kill)
         assert killed.returncode == -9, killed.stderr[-2000:]
         assert not out.exists()
